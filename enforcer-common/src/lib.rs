@@ -1,1 +1,104 @@
+//! Types shared by the kernel programs and the controller.
+//!
+//! Every struct here crosses the user/kernel boundary through a BPF map or the
+//! ring buffer, so each is `#[repr(C)]` with explicit padding fields: a Pod
+//! type must have no implicit padding, or uninitialised bytes could leak into
+//! map keys and break lookups.
 #![no_std]
+
+pub mod net;
+
+pub use net::*;
+
+/// Map names, shared so the controller looks up exactly what the kernel
+/// object defines.
+pub mod maps {
+    pub const SESSIONS: &str = "SESSIONS";
+    pub const NET_RULES_V4: &str = "NET_RULES_V4";
+    pub const NET_RULES_V6: &str = "NET_RULES_V6";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const RULE_HITS: &str = "RULE_HITS";
+}
+
+/// Names of the read-only globals the controller sets at load time.
+pub mod globals {
+    /// Cgroup id of this controller instance's parent cgroup, under which
+    /// every session cgroup it manages lives.
+    pub const INSTANCE_CGROUP_ID: &str = "INSTANCE_CGROUP_ID";
+    /// Depth of that parent cgroup below the cgroup2 root (root = 0).
+    pub const INSTANCE_CGROUP_LEVEL: &str = "INSTANCE_CGROUP_LEVEL";
+}
+
+/// Per-CPU counters of kernel-side failures and lost events, indexed by
+/// these values in the `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An event could not be reserved in the ring buffer (it was full).
+    EventsLost = 0,
+    /// A process sat in this instance's cgroup tree but its session cgroup
+    /// was not registered; the operation was denied (fail closed).
+    UnknownSession = 1,
+    /// Operations denied in enforce mode.
+    Denied = 2,
+    /// Operations that audit mode let through but would have denied.
+    Audited = 3,
+    /// A rule-hit counter index was outside the `RULE_HITS` map.
+    RuleHitOutOfRange = 4,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 5] = [
+        Counter::EventsLost,
+        Counter::UnknownSession,
+        Counter::Denied,
+        Counter::Audited,
+        Counter::RuleHitOutOfRange,
+    ];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::EventsLost => "events_lost",
+            Counter::UnknownSession => "unknown_session_denied",
+            Counter::Denied => "denied",
+            Counter::Audited => "audited",
+            Counter::RuleHitOutOfRange => "rule_hit_out_of_range",
+        }
+    }
+}
+
+/// Session flag: log what would be denied, but allow it.
+pub const SESSION_AUDIT: u32 = 1;
+/// Session flag: the profile is an allow-list (anything unmatched is denied).
+pub const SESSION_DEFAULT_DENY: u32 = 2;
+
+/// Value of the `SESSIONS` map, keyed by the session cgroup's id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Session {
+    /// Which profile's rules apply (the profile part of every rule key).
+    pub profile_id: u32,
+    /// `SESSION_*` flags.
+    pub flags: u32,
+}
+
+impl Session {
+    pub const fn audit(&self) -> bool {
+        self.flags & SESSION_AUDIT != 0
+    }
+    pub const fn default_deny(&self) -> bool {
+        self.flags & SESSION_DEFAULT_DENY != 0
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and have no implicit padding
+    // (checked by the size assertions next to their definitions).
+    unsafe impl aya::Pod for super::Session {}
+    unsafe impl aya::Pod for super::net::RuleList {}
+    unsafe impl aya::Pod for super::net::V4Key {}
+    unsafe impl aya::Pod for super::net::V6Key {}
+}

@@ -1,1 +1,448 @@
-fn main() {}
+//! `enforcer`: keeps AI coding agents away from production hosts, enforced
+//! by eBPF programs on cgroup socket hooks, whatever the agent decides.
+
+mod agent;
+mod cgroup;
+mod control;
+mod controller;
+mod features;
+mod kernel;
+mod log;
+mod policy;
+mod resolve;
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    control::{Client, Request, Response},
+    controller::{Config, Controller, Status},
+    policy::{ProfileSet, compile},
+    resolve::{Answer, Resolver},
+};
+
+const DEFAULT_RULES: &str = "/etc/enforcer/rules";
+
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// The controller daemon's control socket.
+    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command (the agent) inside an enforced session.
+    Run(RunArgs),
+    /// Run the long-lived controller that serves `run`, `status` and `logs`.
+    Daemon(DaemonArgs),
+    /// Print the denial log.
+    Logs(LogsArgs),
+    /// Show what is loaded and attached, sessions, counters and kernel features.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate rule files; exits non-zero on any error.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Directory of profile files (`*.toml`). Without it (and with no
+    /// /etc/enforcer/rules) only the built-in default profile exists.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Denial log file (JSON Lines) [default: /var/log/enforcer/denials.jsonl]
+    #[arg(long)]
+    log: Option<PathBuf>,
+    /// DNS server for host-name rules instead of the system's (IP:PORT).
+    #[arg(long)]
+    resolver: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    controller: ControllerArgs,
+    /// The profile the session is bound to.
+    #[arg(long, default_value = "default")]
+    profile: String,
+    /// Allow everything, but log what the profile would deny.
+    #[arg(long)]
+    audit: bool,
+    /// Under sudo, keep running the command as root instead of the invoking user.
+    #[arg(long)]
+    as_root: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<OsString>,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    #[command(flatten)]
+    controller: ControllerArgs,
+}
+
+#[derive(Args)]
+struct LogsArgs {
+    /// Keep printing new entries as they are written.
+    #[arg(short, long)]
+    follow: bool,
+    /// Print the raw JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Only entries of this profile.
+    #[arg(long)]
+    profile: Option<String>,
+    /// The log file [default: /var/log/enforcer/denials.jsonl]
+    #[arg(long, default_value = log::DEFAULT_LOG)]
+    log: PathBuf,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[arg(long, default_value = DEFAULT_RULES)]
+    rules: PathBuf,
+    /// Do not resolve host names (otherwise a name that does not resolve is an error).
+    #[arg(long)]
+    offline: bool,
+    /// DNS server to resolve with instead of the system's (IP:PORT).
+    #[arg(long)]
+    resolver: Option<SocketAddr>,
+}
+
+impl ControllerArgs {
+    fn config(&self, kind: &'static str, only_profiles: Option<Vec<String>>) -> Config {
+        Config {
+            rules_dir: self.rules.clone().unwrap_or_else(|| DEFAULT_RULES.into()),
+            log: self.log.clone().unwrap_or_else(|| log::DEFAULT_LOG.into()),
+            resolver: self.resolver,
+            kind,
+            only_profiles,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ENFORCER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("enforcer: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("enforcer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(args) => run(&cli.socket, args).await,
+        Command::Daemon(args) => daemon(&cli.socket, &args).await.map(|()| 0),
+        Command::Logs(args) => {
+            let filter = log::Filter {
+                profile: args.profile,
+            };
+            tokio::task::spawn_blocking(move || {
+                log::print(&args.log, args.json, args.follow, &filter)
+            })
+            .await??;
+            Ok(0)
+        }
+        Command::Status { json } => status(&cli.socket, json).await,
+        Command::Check(args) => check(&args).await,
+    }
+}
+
+async fn run(socket: &Path, args: RunArgs) -> Result<i32> {
+    let drop_to = if args.as_root {
+        None
+    } else {
+        agent::DropTo::from_sudo()?
+    };
+    if let Some(mut client) = Client::connect(socket).await? {
+        refuse_conflicting_daemon_options(&mut client, &args.controller).await?;
+        let grant = match client
+            .request(&Request::OpenSession {
+                profile: args.profile.clone(),
+                audit: args.audit,
+            })
+            .await?
+        {
+            Response::Session(grant) => grant,
+            Response::Error(e) => bail!("the daemon refused the session: {e}"),
+            other => bail!("unexpected reply from the daemon: {other:?}"),
+        };
+        let status = agent::run(&args.command, &grant.cgroup, drop_to.as_ref()).await;
+        let closed = client.request(&Request::CloseSession).await;
+        let status = status?;
+        if let Response::Error(e) = closed? {
+            tracing::error!("closing the session: {e}");
+        }
+        return Ok(agent::exit_code(status));
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!(
+            "no enforcer daemon is listening on {} and starting an embedded controller needs \
+             root: start `enforcer daemon` or use sudo",
+            socket.display()
+        );
+    }
+    let controller = Controller::start(
+        args.controller
+            .config("run", Some(vec![args.profile.clone()])),
+    )
+    .await?;
+    let grant = controller.open_session(&args.profile, args.audit)?;
+    let status = agent::run(&args.command, &grant.cgroup, drop_to.as_ref()).await;
+    // This controller stops enforcing when we exit, so anything the agent
+    // left running is killed rather than left unprotected.
+    let closed = controller.close_session(grant.cgroup_id, true);
+    let status = status?;
+    closed?;
+    controller.shutdown()?;
+    Ok(agent::exit_code(status))
+}
+
+/// With a daemon running, its rules and log are the ones in force.
+async fn refuse_conflicting_daemon_options(
+    client: &mut Client,
+    args: &ControllerArgs,
+) -> Result<()> {
+    if args.rules.is_none() && args.log.is_none() && args.resolver.is_none() {
+        return Ok(());
+    }
+    let Response::Status(status) = client.request(&Request::Status).await? else {
+        bail!("the daemon did not report its status");
+    };
+    let differs = |given: &Option<PathBuf>, used: Option<&str>| {
+        given
+            .as_ref()
+            .is_some_and(|g| Some(g.display().to_string().as_str()) != used)
+    };
+    if differs(&args.rules, status.rules_dir.as_deref())
+        || differs(&args.log, Some(status.log.as_str()))
+        || args.resolver.is_some()
+    {
+        bail!(
+            "a daemon (pid {}) is running with rules {} and log {}; `--rules`, `--log` and \
+             `--resolver` cannot change them per session: drop those options or stop the daemon",
+            status.pid,
+            status.rules_dir.as_deref().unwrap_or("<built-in>"),
+            status.log
+        );
+    }
+    Ok(())
+}
+
+async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
+    let listener = control::bind(socket).await?;
+    let controller = Controller::start(args.controller.config("daemon", None)).await?;
+    tracing::info!("enforcer daemon ready on {}", socket.display());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        () = control::serve(listener, controller.clone()) => {}
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Enforcement ends with this process, so end the agents with it.
+    for session in controller.status().sessions {
+        tracing::warn!(
+            "stopping: killing the processes of session {}",
+            session.name
+        );
+    }
+    controller.kill_all_sessions()?;
+    let _ = std::fs::remove_file(socket);
+    controller.shutdown()
+}
+
+async fn status(socket: &Path, json: bool) -> Result<i32> {
+    let Some(mut client) = Client::connect(socket).await? else {
+        let features = features::detect();
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "controller": null, "features": features })
+            );
+        } else {
+            println!("controller: none (no daemon on {})", socket.display());
+            print_features(&features);
+        }
+        return Ok(0);
+    };
+    match client.request(&Request::Status).await? {
+        Response::Status(status) if json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Response::Status(status) => print_status(&status),
+        Response::Error(e) => bail!("{e}"),
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
+    Ok(0)
+}
+
+fn print_features(f: &features::Features) {
+    println!("kernel: {}", f.kernel);
+    println!("cgroup2: {}", f.cgroup2.as_deref().unwrap_or("NOT MOUNTED"));
+    println!("btf: {}", if f.btf { "yes" } else { "no" });
+    println!(
+        "lsm: {}",
+        f.lsm
+            .as_deref()
+            .unwrap_or("unknown (securityfs not mounted)")
+    );
+}
+
+fn print_status(s: &Status) {
+    println!("controller: {} (pid {})", s.controller, s.pid);
+    println!(
+        "rules: {}",
+        s.rules_dir.as_deref().unwrap_or("built-in default only")
+    );
+    println!("log: {}", s.log);
+    println!("cgroup: {}", s.instance_cgroup);
+    println!("programs attached: {}", s.programs.join(", "));
+    print_features(&s.features);
+    println!("counters:");
+    for (name, value) in &s.counters {
+        println!("  {name}: {value}");
+    }
+    println!("profiles:");
+    for p in &s.profiles {
+        println!(
+            "  {} ({}, default {}, {} rules, {} kernel entries) from {}",
+            p.name,
+            p.mode,
+            p.default,
+            p.rules.len(),
+            p.kernel_entries,
+            p.source
+        );
+        for u in &p.unresolved {
+            println!("    unresolved: {u}");
+        }
+        for r in p.rules.iter().filter(|r| r.hits > 0) {
+            println!(
+                "    {} hits: line {} {} {:?}",
+                r.hits, r.line, r.action, r.text
+            );
+        }
+    }
+    println!("sessions:");
+    for s in &s.sessions {
+        println!(
+            "  {} profile={} audit={} attached={} since {} cgroup={}",
+            s.name, s.profile, s.audit, s.attached, s.started, s.cgroup
+        );
+    }
+}
+
+async fn check(args: &CheckArgs) -> Result<i32> {
+    let set = match ProfileSet::load(&args.rules) {
+        Ok(set) => set,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            return Ok(1);
+        }
+    };
+    let resolved = if args.offline {
+        BTreeMap::new()
+    } else {
+        let resolver = Resolver::new(args.resolver)?;
+        let names: Vec<&str> = set
+            .profiles
+            .values()
+            .flat_map(policy::Profile::host_names)
+            .collect();
+        resolver.resolve_all(names).await
+    };
+    let mut failures = 0;
+    let mut rule_count = 0;
+    for profile in set.profiles.values() {
+        rule_count += profile.rules.len();
+        if !args.offline {
+            for rule in &profile.rules {
+                let policy::target::Host::Name(name) = &rule.target.host else {
+                    continue;
+                };
+                let problem = match resolved.get(name).map(|r| &r.answer) {
+                    Some(Answer::Addresses(_)) => continue,
+                    Some(Answer::NoSuchHost) => "no such host".to_owned(),
+                    Some(Answer::Failed(why)) => format!("resolving failed: {why}"),
+                    None => "not resolved".to_owned(),
+                };
+                eprintln!(
+                    "error: {}:{}: `{}`: `{}`: {problem} (use --offline to skip resolving)",
+                    rule.origin.file, rule.origin.line, rule.origin.key, rule.text
+                );
+                failures += 1;
+            }
+        }
+        let addresses = resolved
+            .iter()
+            .filter_map(|(n, r)| match &r.answer {
+                Answer::Addresses(a) => Some((n.clone(), a.clone())),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = compile::compile(profile, 0, &addresses) {
+            eprintln!("error: {e}");
+            failures += 1;
+        }
+    }
+    if failures > 0 {
+        return Ok(1);
+    }
+    println!(
+        "ok: {} profile(s), {} rule(s) in {}",
+        set.profiles.len(),
+        rule_count,
+        set.dir.as_ref().map_or_else(
+            || "built-in default (no rules directory)".into(),
+            |d| d.display().to_string()
+        )
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

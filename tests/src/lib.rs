@@ -1,1 +1,3 @@
 //! Support code for the kernel integration tests.
+
+pub mod dns;

@@ -1,0 +1,7 @@
+/// Rebuild the kernel object when bpf-linker changes: a new LLVM can change
+/// the emitted code.
+fn main() {
+    if let Ok(linker) = which::which("bpf-linker") {
+        println!("cargo:rerun-if-changed={}", linker.display());
+    }
+}

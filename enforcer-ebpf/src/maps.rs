@@ -1,0 +1,55 @@
+//! Every map the kernel programs share with the controller. Sizes here are
+//! defaults; the controller resizes the rule and counter maps to the loaded
+//! rule set before loading.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+};
+use enforcer_common::{Counter, RuleList, Session, V4Key, V6Key};
+
+/// Session cgroup id -> the profile and mode that apply to it.
+#[map]
+pub static SESSIONS: HashMap<u64, Session> = HashMap::with_max_entries(4096, 0);
+
+/// (profile, IPv4 prefix) -> rules for that prefix. LPM tries must not be
+/// preallocated, so a generous cap costs nothing until used.
+#[map]
+pub static NET_RULES_V4: LpmTrie<V4Key, RuleList> =
+    LpmTrie::with_max_entries(1 << 20, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// (profile, IPv6 prefix) -> rules for that prefix.
+#[map]
+pub static NET_RULES_V6: LpmTrie<V6Key, RuleList> =
+    LpmTrie::with_max_entries(1 << 20, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Denial and audit events for the controller.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Kernel-side failures and lost events, see `Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+/// Decisions per rule id (deny and audit hits), per CPU so no atomics are
+/// needed; the controller sums the CPUs.
+#[map]
+pub static RULE_HITS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; nothing else on this CPU runs concurrently
+        // with this program.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_rule_hit(rule_id: u32) {
+    match RULE_HITS.get_ptr_mut(rule_id) {
+        // SAFETY: per-CPU slot, as in `count`.
+        Some(slot) => unsafe { *slot += 1 },
+        None => count(Counter::RuleHitOutOfRange),
+    }
+}

@@ -1,0 +1,215 @@
+//! Judging a connect or sendmsg destination against the session's profile.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::bpf_ktime_get_boot_ns,
+    },
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use enforcer_common::{
+    ACTION_DENY, Counter, NO_RULE, NetEvent, PROFILE_PREFIX_BITS, RuleList, Session, V4Key, V6Key,
+    VERDICT_AUDIT, VERDICT_DENY, decide,
+};
+
+use crate::{
+    maps::{EVENTS, NET_RULES_V4, NET_RULES_V6, count, count_rule_hit},
+    session::{self, Lookup},
+};
+
+/// `cgroup_sock_addr` return values.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+struct Destination {
+    family: u8,
+    addr: [u8; 16],
+    port: u16,
+    proto: u8,
+}
+
+pub fn judge_v4(ctx: &SockAddrContext, op: u8) -> i32 {
+    // SAFETY: the kernel hands us a valid bpf_sock_addr for this hook.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&loopback_if_unspecified_v4(sa.user_ip4.to_ne_bytes()));
+    judge(
+        op,
+        &Destination {
+            family: 4,
+            addr,
+            port: port_from_ctx(sa.user_port),
+            proto: proto_from_ctx(sa.protocol),
+        },
+    )
+}
+
+pub fn judge_v6(ctx: &SockAddrContext, op: u8) -> i32 {
+    // SAFETY: as in judge_v4.
+    let sa = unsafe { &*ctx.sock_addr };
+    let mut addr = [0u8; 16];
+    // The verifier only allows 4-byte loads of user_ip6.
+    let mut i = 0;
+    while i < 4 {
+        addr[i * 4..i * 4 + 4].copy_from_slice(&sa.user_ip6[i].to_ne_bytes());
+        i += 1;
+    }
+    let port = port_from_ctx(sa.user_port);
+    let proto = proto_from_ctx(sa.protocol);
+    // `connect4` never runs for an IPv4-mapped destination on an AF_INET6
+    // socket, so judge it here by the IPv4 rules.
+    let dest = if is_v4_mapped(&addr) {
+        let mut v4 = [0u8; 16];
+        v4[..4].copy_from_slice(&loopback_if_unspecified_v4([
+            addr[12], addr[13], addr[14], addr[15],
+        ]));
+        Destination {
+            family: 4,
+            addr: v4,
+            port,
+            proto,
+        }
+    } else {
+        Destination {
+            family: 6,
+            addr: loopback_if_unspecified_v6(addr),
+            port,
+            proto,
+        }
+    };
+    judge(op, &dest)
+}
+
+fn judge(op: u8, dest: &Destination) -> i32 {
+    let (session_cgroup, session) = match session::current() {
+        Lookup::Outside => return ALLOW,
+        Lookup::Inside(cgroup, session) => (cgroup, session),
+        Lookup::Unknown(cgroup) => {
+            report(op, VERDICT_DENY, dest, cgroup, NO_RULE, NO_RULE);
+            count(Counter::Denied);
+            return DENY;
+        }
+    };
+    let decision = decide(
+        lookup(&session, dest),
+        dest.proto,
+        dest.port,
+        session.default_deny(),
+    );
+    if decision.action != ACTION_DENY {
+        return ALLOW;
+    }
+    if decision.rule_id != NO_RULE {
+        count_rule_hit(decision.rule_id);
+    }
+    let audit = session.audit();
+    let verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };
+    report(
+        op,
+        verdict,
+        dest,
+        session_cgroup,
+        session.profile_id,
+        decision.rule_id,
+    );
+    if audit {
+        count(Counter::Audited);
+        ALLOW
+    } else {
+        count(Counter::Denied);
+        DENY
+    }
+}
+
+fn lookup(session: &Session, dest: &Destination) -> Option<&'static RuleList> {
+    let profile = session.profile_id.to_be_bytes();
+    if dest.family == 4 {
+        let key = Key::new(
+            PROFILE_PREFIX_BITS + 32,
+            V4Key {
+                profile,
+                addr: [dest.addr[0], dest.addr[1], dest.addr[2], dest.addr[3]],
+            },
+        );
+        NET_RULES_V4.get(&key)
+    } else {
+        let key = Key::new(
+            PROFILE_PREFIX_BITS + 128,
+            V6Key {
+                profile,
+                addr: dest.addr,
+            },
+        );
+        NET_RULES_V6.get(&key)
+    }
+}
+
+/// Send the event; if the ring buffer is full, count the loss instead.
+fn report(
+    op: u8,
+    verdict: u8,
+    dest: &Destination,
+    session_cgroup: u64,
+    profile_id: u32,
+    rule_id: u32,
+) {
+    let Some(mut entry) = EVENTS.reserve::<NetEvent>(0) else {
+        count(Counter::EventsLost);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    entry.write(NetEvent {
+        // SAFETY: helper without arguments.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        session_cgroup,
+        tgid: (pid_tgid >> 32) as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        profile_id,
+        rule_id,
+        op,
+        verdict,
+        family: dest.family,
+        proto: dest.proto,
+        port: dest.port,
+        _pad: 0,
+        addr: dest.addr,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
+}
+
+/// `user_port` holds the port in network byte order in its low 16 bits.
+#[inline(always)]
+fn port_from_ctx(user_port: u32) -> u16 {
+    u16::from_be(user_port as u16)
+}
+
+#[inline(always)]
+fn proto_from_ctx(protocol: u32) -> u8 {
+    protocol as u8
+}
+
+#[inline(always)]
+fn is_v4_mapped(addr: &[u8; 16]) -> bool {
+    addr[..10] == [0; 10] && addr[10] == 0xff && addr[11] == 0xff
+}
+
+/// Connecting to 0.0.0.0 reaches the local host, so judge it as 127.0.0.1;
+/// otherwise a rule on loopback could be walked around.
+#[inline(always)]
+fn loopback_if_unspecified_v4(addr: [u8; 4]) -> [u8; 4] {
+    if addr == [0; 4] { [127, 0, 0, 1] } else { addr }
+}
+
+/// Likewise `::` reaches `::1`.
+#[inline(always)]
+fn loopback_if_unspecified_v6(addr: [u8; 16]) -> [u8; 16] {
+    if addr == [0; 16] {
+        let mut lo = [0u8; 16];
+        lo[15] = 1;
+        lo
+    } else {
+        addr
+    }
+}

@@ -1,0 +1,750 @@
+//! The controller: owns the loaded programs, installs profiles into the
+//! kernel maps, creates and ends sessions, turns kernel events into log
+//! records, and keeps host-name rules current as their DNS answers expire.
+//! The daemon and the embedded controller of `enforcer run` are both this.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::maps::{MapData, RingBuf};
+use enforcer_common::{
+    Counter, NO_RULE, NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, SESSION_AUDIT,
+    SESSION_DEFAULT_DENY, Session, VERDICT_AUDIT,
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    cgroup::{self, Hierarchy},
+    kernel::{self, Kernel, Scope},
+    log,
+    policy::{Action, Mode, Profile, ProfileSet, compile, target::Host},
+    resolve::{Answer, Resolution, Resolver},
+};
+
+pub struct Config {
+    pub rules_dir: PathBuf,
+    pub log: PathBuf,
+    /// Use this DNS server instead of the system's for host-name rules.
+    pub resolver: Option<SocketAddr>,
+    /// `daemon` or `run`; names the instance cgroup.
+    pub kind: &'static str,
+    /// Install only these profiles (an embedded controller needs one);
+    /// `None` installs every profile.
+    pub only_profiles: Option<Vec<String>>,
+}
+
+/// Where a session lives, handed to whoever starts the agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Grant {
+    pub name: String,
+    pub profile: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub audit: bool,
+}
+
+struct Installed {
+    id: u32,
+    first_rule_id: u32,
+    resolutions: BTreeMap<String, Resolution>,
+    prefixes: BTreeSet<IpNet>,
+}
+
+struct RuleInfo {
+    profile: String,
+    rule: log::RuleRef,
+    host: Option<String>,
+}
+
+struct LiveSession {
+    grant: Grant,
+    /// False once the `enforcer run` that asked for it has gone: the session
+    /// ends when its cgroup empties.
+    attached: bool,
+    started: String,
+}
+
+struct State {
+    kernel: Kernel,
+    profiles: ProfileSet,
+    installed: BTreeMap<String, Installed>,
+    /// Indexed by rule id.
+    rules: Vec<RuleInfo>,
+    sessions: BTreeMap<u64, LiveSession>,
+    log: log::Writer,
+    instance_dir: PathBuf,
+    next_session: u64,
+    kind: &'static str,
+}
+
+#[derive(Clone)]
+pub struct Controller {
+    state: Arc<Mutex<State>>,
+    /// Locked before `state` whenever both are needed.
+    events: Arc<Mutex<RingBuf<MapData>>>,
+    resolver: Arc<Resolver>,
+}
+
+/// The root of every enforcer instance cgroup.
+pub fn enforcer_root(hierarchy: &Hierarchy) -> PathBuf {
+    hierarchy.mount.join("enforcer")
+}
+
+impl Controller {
+    /// Load the rules, the kernel programs and the profiles, and start the
+    /// background tasks. Fails, changing nothing, if any rule file is bad.
+    pub async fn start(config: Config) -> Result<Controller> {
+        let profiles = ProfileSet::load(&config.rules_dir)
+            .map_err(|e| anyhow!("{e}"))
+            .context("the rules are invalid; nothing was loaded")?;
+        if let Some(only) = &config.only_profiles {
+            for name in only {
+                if profiles.get(name).is_none() {
+                    bail!("{}", unknown_profile(&profiles, name));
+                }
+            }
+        }
+        let resolver = Resolver::new(config.resolver)?;
+
+        let hierarchy = Hierarchy::find()?;
+        let root = enforcer_root(&hierarchy);
+        cgroup::create_dir(&root)?;
+        sweep_stale_instances(&root);
+        let instance_dir = root.join(format!("{}-{}", config.kind, std::process::id()));
+        cgroup::create_dir(&instance_dir)?;
+
+        let mut rules = Vec::new();
+        let mut first_ids = BTreeMap::new();
+        for profile in profiles.profiles.values() {
+            first_ids.insert(profile.name.clone(), u32::try_from(rules.len())?);
+            for r in &profile.rules {
+                rules.push(RuleInfo {
+                    profile: profile.name.clone(),
+                    rule: log::RuleRef {
+                        file: r.origin.file.clone(),
+                        line: r.origin.line,
+                        text: r.text.clone(),
+                    },
+                    host: match &r.target.host {
+                        Host::Name(n) => Some(n.clone()),
+                        Host::Net(_) => None,
+                    },
+                });
+            }
+        }
+        let kernel = Kernel::load(&Scope {
+            attach_cgroup: &hierarchy.mount,
+            instance_cgroup_id: cgroup::id(&instance_dir)?,
+            instance_cgroup_level: hierarchy.level(&instance_dir)?,
+            rule_count: u32::try_from(rules.len())?,
+        });
+        let mut kernel = match kernel {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = cgroup::remove_tree(&instance_dir);
+                return Err(e.into());
+            }
+        };
+        let events = kernel.take_events()?;
+        let log = log::Writer::open(&config.log)?;
+
+        let mut state = State {
+            kernel,
+            profiles,
+            installed: BTreeMap::new(),
+            rules,
+            sessions: BTreeMap::new(),
+            log,
+            instance_dir,
+            next_session: 1,
+            kind: config.kind,
+        };
+        let wanted: Vec<String> = config
+            .only_profiles
+            .unwrap_or_else(|| state.profiles.profiles.keys().cloned().collect());
+        for (index, name) in wanted.iter().enumerate() {
+            let profile = state.profiles.profiles[name].clone();
+            let resolutions = resolver.resolve_all(profile.host_names()).await;
+            warn_unresolved(&profile, &resolutions);
+            state.installed.insert(
+                name.clone(),
+                Installed {
+                    id: u32::try_from(index + 1)?,
+                    first_rule_id: first_ids[name],
+                    resolutions,
+                    prefixes: BTreeSet::new(),
+                },
+            );
+            state.apply(name)?;
+        }
+
+        let controller = Controller {
+            state: Arc::new(Mutex::new(state)),
+            events: Arc::new(Mutex::new(events)),
+            resolver: Arc::new(resolver),
+        };
+        controller.spawn_event_reader()?;
+        controller.spawn_refresher();
+        controller.spawn_sweeper();
+        Ok(controller)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Create a session cgroup bound to `profile`, ready for the agent.
+    pub fn open_session(&self, profile: &str, force_audit: bool) -> Result<Grant> {
+        let mut state = self.state();
+        let (profile_id, flags) = {
+            let Some(installed) = state.installed.get(profile) else {
+                bail!("{}", unknown_profile(&state.profiles, profile));
+            };
+            let p = &state.profiles.profiles[profile];
+            let mut flags = 0;
+            if force_audit || p.mode == Mode::Audit {
+                flags |= SESSION_AUDIT;
+            }
+            if p.default == Action::Deny {
+                flags |= SESSION_DEFAULT_DENY;
+            }
+            (installed.id, flags)
+        };
+        let name = format!("{profile}.{}", state.next_session);
+        state.next_session += 1;
+        let path = state.instance_dir.join(&name);
+        cgroup::create_dir(&path)?;
+        let cgroup_id = cgroup::id(&path)?;
+        if let Err(e) = state
+            .kernel
+            .set_session(cgroup_id, Session { profile_id, flags })
+        {
+            let _ = cgroup::remove_tree(&path);
+            return Err(e.into());
+        }
+        let grant = Grant {
+            name,
+            profile: profile.to_owned(),
+            cgroup: path,
+            cgroup_id,
+            audit: flags & SESSION_AUDIT != 0,
+        };
+        state.sessions.insert(
+            cgroup_id,
+            LiveSession {
+                grant: grant.clone(),
+                attached: true,
+                started: jiff::Timestamp::now().to_string(),
+            },
+        );
+        Ok(grant)
+    }
+
+    /// The agent's command has exited. Write out its pending events; with
+    /// `kill_rest` kill whatever it left running (an embedded controller is
+    /// about to stop enforcing). The session stays enforced for as long as
+    /// any process remains in it.
+    pub fn close_session(&self, cgroup_id: u64, kill_rest: bool) -> Result<()> {
+        self.drain_events();
+        let path = {
+            let mut state = self.state();
+            let Some(session) = state.sessions.get_mut(&cgroup_id) else {
+                return Ok(());
+            };
+            session.attached = false;
+            session.grant.cgroup.clone()
+        };
+        if kill_rest {
+            cgroup::kill_all(&path)?;
+        }
+        self.end_if_empty(cgroup_id)
+    }
+
+    fn end_if_empty(&self, cgroup_id: u64) -> Result<()> {
+        self.drain_events();
+        let mut state = self.state();
+        let Some(session) = state.sessions.get(&cgroup_id) else {
+            return Ok(());
+        };
+        let path = session.grant.cgroup.clone();
+        if session.attached || cgroup::populated(&path)? {
+            return Ok(());
+        }
+        state.kernel.remove_session(cgroup_id)?;
+        state.sessions.remove(&cgroup_id);
+        cgroup::remove_tree(&path)
+    }
+
+    /// End every session, killing its processes (the controller is stopping
+    /// and enforcement goes with it).
+    pub fn kill_all_sessions(&self) -> Result<()> {
+        let ids: Vec<u64> = self.state().sessions.keys().copied().collect();
+        for id in ids {
+            self.close_session(id, true)?;
+        }
+        Ok(())
+    }
+
+    /// Stop: every session must have ended (`close_session` with
+    /// `kill_rest`). Dropping the last handle detaches the programs.
+    pub fn shutdown(&self) -> Result<()> {
+        self.drain_events();
+        let state = self.state();
+        if !state.sessions.is_empty() {
+            bail!(
+                "refusing to stop: {} session(s) still have processes",
+                state.sessions.len()
+            );
+        }
+        cgroup::remove_tree(&state.instance_dir)
+    }
+
+    /// Move every event the kernel has queued into the log, now.
+    pub fn drain_events(&self) {
+        let mut ring = self
+            .events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state();
+        let clock = Clock::now();
+        while let Some(item) = ring.next() {
+            if item.len() < size_of::<NetEvent>() {
+                tracing::error!(
+                    "short event from the kernel ({} bytes); skipped",
+                    item.len()
+                );
+                continue;
+            }
+            // SAFETY: the kernel wrote a whole NetEvent (length checked);
+            // ring buffer bytes are not aligned for it, so read unaligned.
+            let event: NetEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            let record = state.record(&event, &clock);
+            if let Err(e) = state.log.write(&record) {
+                tracing::error!("{e:#}");
+            }
+        }
+    }
+
+    fn spawn_event_reader(&self) -> Result<()> {
+        let fd: OwnedFd = {
+            let ring = self
+                .events
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ring.as_fd().try_clone_to_owned()?
+        };
+        // SAFETY: the AsyncFd owns `fd`, so it stays open and the same file
+        // for the AsyncFd's whole life.
+        let readiness =
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow!("watching the event ring buffer: {e}"))?;
+        let controller = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match readiness.readable().await {
+                    Ok(mut guard) => {
+                        controller.drain_events();
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        tracing::error!("event ring buffer wait failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Re-resolve host names whose answers expired and update the rules.
+    fn spawn_refresher(&self) {
+        let controller = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                controller.refresh_expired().await;
+            }
+        });
+    }
+
+    async fn refresh_expired(&self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<(String, String)> = {
+            let state = self.state();
+            state
+                .installed
+                .iter()
+                .flat_map(|(profile, i)| {
+                    i.resolutions
+                        .iter()
+                        .filter(|(_, r)| r.refresh_at <= now)
+                        .map(|(name, _)| (profile.clone(), name.clone()))
+                })
+                .collect()
+        };
+        for (profile, name) in due {
+            let fresh = self.resolver.resolve(&name).await;
+            let mut state = self.state();
+            let Some(installed) = state.installed.get_mut(&profile) else {
+                continue;
+            };
+            let Some(old) = installed.resolutions.get_mut(&name) else {
+                continue;
+            };
+            let changed = match (&old.answer, &fresh.answer) {
+                // A failed lookup keeps the last known addresses in force.
+                (_, Answer::Failed(why)) => {
+                    tracing::warn!(
+                        "re-resolving `{name}` (profile {profile}) failed: {why}; keeping the previous addresses"
+                    );
+                    old.refresh_at = fresh.refresh_at;
+                    false
+                }
+                (a, b) => {
+                    let changed = a != b;
+                    *old = fresh;
+                    changed
+                }
+            };
+            if changed {
+                tracing::info!("`{name}` (profile {profile}) changed address; updating rules");
+                if let Err(e) = state.apply(&profile) {
+                    tracing::error!("updating rules of profile {profile} failed: {e:#}");
+                }
+            }
+        }
+    }
+
+    /// End sessions whose agents have all exited after `enforcer run` left.
+    fn spawn_sweeper(&self) {
+        let controller = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let detached: Vec<u64> = controller
+                    .state()
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| !s.attached)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in detached {
+                    if let Err(e) = controller.end_if_empty(id) {
+                        tracing::error!("ending session: {e:#}");
+                    }
+                }
+            }
+        });
+    }
+
+    pub fn status(&self) -> Status {
+        let state = self.state();
+        let profiles = state
+            .installed
+            .iter()
+            .map(|(name, installed)| {
+                let p = &state.profiles.profiles[name];
+                ProfileStatus {
+                    name: name.clone(),
+                    mode: if p.mode == Mode::Audit {
+                        "audit"
+                    } else {
+                        "enforce"
+                    }
+                    .into(),
+                    default: p.default.as_str().into(),
+                    source: p.default_origin.file.clone(),
+                    kernel_entries: installed.prefixes.len(),
+                    unresolved: installed
+                        .resolutions
+                        .iter()
+                        .filter_map(|(host, r)| match &r.answer {
+                            Answer::Addresses(_) => None,
+                            Answer::NoSuchHost => Some(format!("{host}: no such host")),
+                            Answer::Failed(why) => Some(format!("{host}: {why}")),
+                        })
+                        .collect(),
+                    rules: p
+                        .rules
+                        .iter()
+                        .enumerate()
+                        .map(|(i, r)| {
+                            let id = installed.first_rule_id + u32::try_from(i).unwrap_or(u32::MAX);
+                            RuleStatus {
+                                action: r.action.as_str().into(),
+                                text: r.text.clone(),
+                                line: r.origin.line,
+                                hits: state.kernel.rule_hits(id),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Status {
+            controller: state.kind.into(),
+            pid: std::process::id(),
+            rules_dir: state.profiles.dir.as_ref().map(|d| d.display().to_string()),
+            log: state.log.path().display().to_string(),
+            instance_cgroup: state.instance_dir.display().to_string(),
+            programs: kernel::NET_PROGRAMS
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
+            profiles,
+            sessions: state
+                .sessions
+                .values()
+                .map(|s| SessionStatus {
+                    name: s.grant.name.clone(),
+                    profile: s.grant.profile.clone(),
+                    cgroup: s.grant.cgroup.display().to_string(),
+                    audit: s.grant.audit,
+                    attached: s.attached,
+                    started: s.started.clone(),
+                })
+                .collect(),
+            counters: Counter::ALL
+                .iter()
+                .map(|c| (c.name().to_owned(), state.kernel.counter(*c)))
+                .collect(),
+            features: crate::features::detect(),
+        }
+    }
+}
+
+impl State {
+    /// Compile a profile with its current addresses and bring the kernel
+    /// entries in line: new entries are written before stale ones are
+    /// removed, so a destination is never briefly unruled.
+    fn apply(&mut self, name: &str) -> Result<()> {
+        let profile = &self.profiles.profiles[name];
+        let installed = self
+            .installed
+            .get_mut(name)
+            .context("profile not installed")?;
+        let addresses: BTreeMap<String, Vec<IpAddr>> = installed
+            .resolutions
+            .iter()
+            .filter_map(|(host, r)| match &r.answer {
+                Answer::Addresses(a) => Some((host.clone(), a.clone())),
+                _ => None,
+            })
+            .collect();
+        let compiled = compile::compile(profile, installed.first_rule_id, &addresses)?;
+        self.kernel.insert_rules(installed.id, &compiled.entries)?;
+        let fresh: BTreeSet<IpNet> = compiled.entries.iter().map(|(n, _)| *n).collect();
+        let stale: Vec<IpNet> = installed.prefixes.difference(&fresh).copied().collect();
+        self.kernel.remove_rules(installed.id, stale.into_iter())?;
+        installed.prefixes = fresh;
+        Ok(())
+    }
+
+    fn record(&self, event: &NetEvent, clock: &Clock) -> log::Record {
+        let session = self.sessions.get(&event.session_cgroup);
+        let rule_info = (event.rule_id != NO_RULE)
+            .then(|| self.rules.get(event.rule_id as usize))
+            .flatten();
+        let profile = session.map(|s| s.grant.profile.clone());
+        let rule = match (rule_info, &profile) {
+            (Some(info), _) => info.rule.clone(),
+            (None, Some(p)) => {
+                let origin = &self.profiles.profiles[p].default_origin;
+                log::RuleRef {
+                    file: origin.file.clone(),
+                    line: origin.line,
+                    text: "default = \"deny\"".into(),
+                }
+            }
+            (None, None) => log::RuleRef {
+                file: String::new(),
+                line: 0,
+                text: "process in an unregistered session cgroup (fail closed)".into(),
+            },
+        };
+        let addr = if event.family == 4 {
+            IpAddr::from([event.addr[0], event.addr[1], event.addr[2], event.addr[3]])
+        } else {
+            IpAddr::from(event.addr)
+        };
+        log::Record {
+            ts: clock.wall_time(event.boot_ns),
+            profile: rule_info.map(|r| r.profile.clone()).or(profile),
+            session: session.map(|s| s.grant.name.clone()),
+            pid: event.tgid,
+            uid: event.uid,
+            comm: c_string(&event.comm),
+            op: if event.op == OP_CONNECT {
+                "connect"
+            } else {
+                "sendmsg"
+            }
+            .into(),
+            verdict: if event.verdict == VERDICT_AUDIT {
+                "audit"
+            } else {
+                "deny"
+            }
+            .into(),
+            target: SocketAddr::new(addr, event.port).to_string(),
+            proto: match event.proto {
+                PROTO_TCP => "tcp".into(),
+                PROTO_UDP => "udp".into(),
+                other => other.to_string(),
+            },
+            host: rule_info.and_then(|r| r.host.clone()),
+            rule,
+        }
+    }
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+fn unknown_profile(profiles: &ProfileSet, name: &str) -> String {
+    let known: Vec<&str> = profiles.profiles.keys().map(String::as_str).collect();
+    format!(
+        "no profile named `{name}` (rules directory: {}); available: {}",
+        profiles.dir.as_ref().map_or_else(
+            || "none, built-in default only".into(),
+            |d| d.display().to_string()
+        ),
+        known.join(", ")
+    )
+}
+
+fn warn_unresolved(profile: &Profile, resolutions: &BTreeMap<String, Resolution>) {
+    for name in profile.host_names() {
+        match resolutions.get(name).map(|r| &r.answer) {
+            Some(Answer::Addresses(_)) => {}
+            Some(Answer::NoSuchHost) => tracing::warn!(
+                "profile {}: `{name}` does not resolve (no such host); its rules apply once it does",
+                profile.name
+            ),
+            Some(Answer::Failed(why)) => tracing::warn!(
+                "profile {}: resolving `{name}` failed ({why}); retrying, its rules apply once it resolves",
+                profile.name
+            ),
+            None => tracing::warn!(
+                "profile {}: `{name}` was not resolved; retrying",
+                profile.name
+            ),
+        }
+    }
+}
+
+/// Instances whose controller died leave cgroups behind. Empty ones are
+/// removed; populated ones are reported, because nothing enforces them now.
+fn sweep_stale_instances(root: &Path) {
+    for dir in cgroup::children(root).unwrap_or_default() {
+        let pid_alive = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+            // SAFETY: signal 0 only checks that the process exists.
+            .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if pid_alive {
+            continue;
+        }
+        match cgroup::populated(&dir) {
+            Ok(false) => {
+                let _ = cgroup::remove_tree(&dir);
+            }
+            _ => tracing::error!(
+                "{} holds processes whose controller is gone: they are NOT enforced; \
+                 kill them or move them into a new session",
+                dir.display()
+            ),
+        }
+    }
+}
+
+/// Converts the kernel's boot-time stamps to wall-clock time.
+struct Clock {
+    boot_ns: u64,
+    wall: jiff::Timestamp,
+}
+
+impl Clock {
+    fn now() -> Clock {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out-pointer.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+        let boot_ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(ts.tv_nsec).unwrap_or(0);
+        Clock {
+            boot_ns,
+            wall: jiff::Timestamp::now(),
+        }
+    }
+
+    fn wall_time(&self, event_boot_ns: u64) -> String {
+        let ago = i64::try_from(self.boot_ns.saturating_sub(event_boot_ns)).unwrap_or(0);
+        let ts = self
+            .wall
+            .checked_sub(jiff::SignedDuration::from_nanos(ago))
+            .unwrap_or(self.wall);
+        format!("{ts:.6}")
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub controller: String,
+    pub pid: u32,
+    pub rules_dir: Option<String>,
+    pub log: String,
+    pub instance_cgroup: String,
+    pub programs: Vec<String>,
+    pub profiles: Vec<ProfileStatus>,
+    pub sessions: Vec<SessionStatus>,
+    pub counters: BTreeMap<String, u64>,
+    pub features: crate::features::Features,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProfileStatus {
+    pub name: String,
+    pub mode: String,
+    pub default: String,
+    pub source: String,
+    pub kernel_entries: usize,
+    pub unresolved: Vec<String>,
+    pub rules: Vec<RuleStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RuleStatus {
+    pub action: String,
+    pub text: String,
+    pub line: usize,
+    pub hits: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SessionStatus {
+    pub name: String,
+    pub profile: String,
+    pub cgroup: String,
+    pub audit: bool,
+    pub attached: bool,
+    pub started: String,
+}
