@@ -1,3 +1,143 @@
-//! Support code for the kernel integration tests.
+//! Support code for the kernel integration tests: a rules directory, the
+//! built `enforcer` binary driven as a user would, and its denial log read
+//! back.
 
 pub mod dns;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+/// The `enforcer` binary under test: `$ENFORCER_BIN` (set by
+/// `cargo xtask test`), else the workspace's release build.
+pub fn enforcer_bin() -> PathBuf {
+    let path = std::env::var_os("ENFORCER_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/enforcer"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} does not exist: run the kernel tests with `cargo xtask test`",
+        path.display()
+    );
+    path
+}
+
+/// These tests load BPF programs and create cgroups: they need root, and
+/// fail (rather than silently pass) without it.
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "kernel integration tests must run as root");
+}
+
+/// A scratch rules directory, log file and (absent) daemon socket, so each
+/// test runs its own embedded controller.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        require_root();
+        let dir = tempfile::tempdir().expect("creating a temp dir");
+        std::fs::create_dir(dir.path().join("rules")).expect("creating the rules dir");
+        Sandbox { dir }
+    }
+
+    pub fn rules(&self) -> PathBuf {
+        self.dir.path().join("rules")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("denials.jsonl")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// Write `rules/<name>.toml`.
+    pub fn profile(&self, name: &str, toml: &str) -> &Self {
+        std::fs::write(self.rules().join(format!("{name}.toml")), toml).expect("writing a profile");
+        self
+    }
+
+    /// `enforcer <args>` with this sandbox's socket.
+    pub fn enforcer(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(enforcer_bin());
+        cmd.arg("--socket").arg(self.socket()).args(args);
+        cmd
+    }
+
+    /// `enforcer run --rules R --log L --profile P [extra] -- agent...`
+    pub fn run(&self, profile: &str, extra: &[&str], agent: &[&str]) -> Output {
+        let rules = self.rules();
+        let log = self.log();
+        let mut args = vec!["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", profile];
+        args.extend_from_slice(extra);
+        args.push("--");
+        args.extend_from_slice(agent);
+        let out = self.enforcer(&args).output().expect("running enforcer");
+        eprintln!(
+            "enforcer {args:?}: {}\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Run the probe binary as the agent: `probe <how> <dest>`; returns its
+    /// verdict line (`ok`, `eperm`, `error ...`).
+    pub fn probe(&self, profile: &str, extra: &[&str], how: &str, dest: &str) -> String {
+        let out = self.run(profile, extra, &[probe_bin(), how, dest]);
+        assert!(out.status.success(), "enforcer run failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Every record in the denial log.
+    pub fn records(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("log lines are JSON"))
+            .collect()
+    }
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// The probe binary, which cargo builds next to the test binaries' `deps/`
+/// directory.
+pub fn probe_bin() -> &'static str {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        let probe = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps")
+            .join("probe");
+        assert!(probe.exists(), "{} is missing: build with `cargo test -p integration-tests`", probe.display());
+        probe.display().to_string()
+    })
+}
+
+/// A TCP listener, so an allowed connect succeeds instead of being refused.
+pub fn listen(addr: &str) -> (TcpListener, SocketAddr) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+    let local = listener.local_addr().expect("listener address");
+    (listener, local)
+}
