@@ -4,7 +4,7 @@
 //! ring buffer, so each is `#[repr(C)]` with explicit padding fields: a Pod
 //! type must have no implicit padding, or uninitialised bytes could leak into
 //! map keys and break lookups.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod net;
 

@@ -628,22 +628,33 @@ fn unknown_profile(profiles: &ProfileSet, name: &str) -> String {
 }
 
 fn warn_unresolved(profile: &Profile, resolutions: &BTreeMap<String, Resolution>) {
+    let mut missing = Vec::new();
+    let mut failed: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for name in profile.host_names() {
         match resolutions.get(name).map(|r| &r.answer) {
             Some(Answer::Addresses(_)) => {}
-            Some(Answer::NoSuchHost) => tracing::warn!(
-                "profile {}: `{name}` does not resolve (no such host); its rules apply once it does",
-                profile.name
-            ),
-            Some(Answer::Failed(why)) => tracing::warn!(
-                "profile {}: resolving `{name}` failed ({why}); retrying, its rules apply once it resolves",
-                profile.name
-            ),
-            None => tracing::warn!(
-                "profile {}: `{name}` was not resolved; retrying",
-                profile.name
-            ),
+            Some(Answer::NoSuchHost) => missing.push(name),
+            Some(Answer::Failed(why)) => failed.entry(why.clone()).or_default().push(name),
+            None => failed.entry("not resolved".into()).or_default().push(name),
         }
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            "profile {}: {} host name(s) do not exist (no such host); their rules apply if they appear: {}",
+            profile.name,
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+    for (why, names) in failed {
+        tracing::warn!(
+            "profile {}: {} host name(s) could not be resolved ({why}); retrying every {} s, their \
+             rules apply once they resolve: {}",
+            profile.name,
+            names.len(),
+            crate::resolve::RETRY_AFTER_FAILURE.as_secs(),
+            names.join(", ")
+        );
     }
 }
 

@@ -7,7 +7,7 @@ pub mod dns;
 use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::{Child, Command, Output},
 };
 
 use serde_json::Value;
@@ -133,6 +133,17 @@ pub fn probe_bin() -> &'static str {
         assert!(probe.exists(), "{} is missing: build with `cargo test -p integration-tests`", probe.display());
         probe.display().to_string()
     })
+}
+
+/// A child process killed when the test ends, pass or panic, so a failed
+/// test never leaves a daemon or follower running.
+pub struct Spawned(pub Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A TCP listener, so an allowed connect succeeds instead of being refused.

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Sandbox, dns::TestDnsServer, listen, path_str, probe_bin};
+use integration_tests::{Sandbox, Spawned, dns::TestDnsServer, listen, path_str, probe_bin};
 use serde_json::Value;
 
 const DENY_LIST: &str = r#"
@@ -178,11 +178,12 @@ fn processes_outside_the_session_are_unaffected() {
     let (_l, addr) = listen("127.0.0.2:0");
     let rules = sb.rules();
     let log = sb.log();
-    let mut agent = sb
-        .enforcer(&["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", "denylist", "--", "sleep", "3"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut agent = Spawned(
+        sb.enforcer(&["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", "denylist", "--", "sleep", "3"])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     // Wait until the session is live (its programs are attached).
     let deadline = Instant::now() + Duration::from_secs(10);
     while !session_is_live() {
@@ -190,7 +191,7 @@ fn processes_outside_the_session_are_unaffected() {
         std::thread::sleep(Duration::from_millis(50));
     }
     TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("outside the session, the denied address is reachable");
-    assert!(agent.wait().unwrap().success());
+    assert!(agent.0.wait().unwrap().success());
     assert!(sb.records().is_empty());
 }
 
@@ -326,10 +327,7 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     sb.profile("denylist", DENY_LIST);
     let rules = sb.rules();
     let log = sb.log();
-    let mut daemon = sb
-        .enforcer(&["daemon", "--rules", path_str(&rules), "--log", path_str(&log)])
-        .spawn()
-        .unwrap();
+    let mut daemon = Spawned(sb.enforcer(&["daemon", "--rules", path_str(&rules), "--log", path_str(&log)]).spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(20);
     while !sb.socket().exists() || sb.enforcer(&["status"]).output().unwrap().stdout.starts_with(b"controller: none") {
         assert!(Instant::now() < deadline, "the daemon did not come up");
@@ -362,8 +360,8 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     assert!(json.stdout.is_empty());
 
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(i32::try_from(daemon.id()).unwrap(), libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
+    unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) };
+    assert!(daemon.0.wait().unwrap().success());
     assert_eq!(sb.records().len(), 1);
 }
 
@@ -373,13 +371,9 @@ fn logs_follow_prints_new_lines() {
     sb.profile("denylist", DENY_LIST);
     let log = sb.log();
     std::fs::write(&log, "").unwrap();
-    let mut follower = sb
-        .enforcer(&["logs", "-f", "--json", "--log", path_str(&log)])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follower = Spawned(sb.enforcer(&["logs", "-f", "--json", "--log", path_str(&log)]).stdout(Stdio::piped()).spawn().unwrap());
     assert_eq!(sb.probe("denylist", &[], "tcp", "127.0.0.2:80"), "eperm");
-    let mut stdout = follower.stdout.take().unwrap();
+    let mut stdout = follower.0.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
@@ -395,8 +389,6 @@ fn logs_follow_prints_new_lines() {
     }
     let line: Value = serde_json::from_slice(&reader.join().unwrap()).unwrap();
     assert_eq!(line["target"], "127.0.0.2:80");
-    follower.kill().unwrap();
-    let _ = follower.wait();
 }
 
 #[test]
