@@ -1,5 +1,5 @@
 //! Builds the kernel programs (`enforcer-ebpf`) for the BPF target with the
-//! nightly toolchain and puts the object in OUT_DIR, where `src/kernel.rs`
+//! nightly toolchain and puts the object in `OUT_DIR`, where `src/kernel.rs`
 //! embeds it, so `target/release/enforcer` is the whole product.
 
 fn main() -> anyhow::Result<()> {

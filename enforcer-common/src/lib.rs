@@ -5,6 +5,10 @@
 //! type must have no implicit padding, or uninitialised bytes could leak into
 //! map keys and break lookups.
 #![cfg_attr(not(test), no_std)]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding fields of repr(C) types shared with the kernel"
+)]
 
 pub mod net;
 
@@ -56,6 +60,7 @@ impl Counter {
         Counter::Audited,
         Counter::RuleHitOutOfRange,
     ];
+    #[expect(clippy::cast_possible_truncation, reason = "five counters")]
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     pub const fn name(self) -> &'static str {

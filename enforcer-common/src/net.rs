@@ -36,6 +36,7 @@ pub struct PortRule {
 }
 
 impl PortRule {
+    #[expect(clippy::inline_always, reason = "called in the kernel's hot path")]
     #[inline(always)]
     pub const fn matches(&self, proto: u8, port: u16) -> bool {
         (self.proto == PROTO_ANY || self.proto == proto)
@@ -81,6 +82,7 @@ pub struct Decision {
 /// destination address in the profile's trie, if any prefix matched. Kept
 /// here, free of kernel types, so the kernel and the controller's `explain`
 /// and tests share one definition.
+#[expect(clippy::inline_always, reason = "called in the kernel's hot path")]
 #[inline(always)]
 pub fn decide(rules: Option<&RuleList>, proto: u8, port: u16, default_deny: bool) -> Decision {
     if let Some(list) = rules {

@@ -1,8 +1,17 @@
 //! Kernel programs of the enforcer. Each entry point is thin: it reads the
 //! destination from the context and hands it to `net::judge`; the decision
 //! itself is `enforcer_common::decide`, shared with user space.
-#![no_std]
-#![no_main]
+// Built for the BPF target by aya-build; on the host (clippy, `cargo check
+// --workspace`) it builds as an ordinary binary so the code is still linted.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's entry-point macros hand each program its context by value"
+)]
+#![expect(
+    clippy::inline_always,
+    reason = "small helpers on the hook path are inlined on purpose: fewer BPF-to-BPF calls, simpler verification"
+)]
 
 mod maps;
 mod net;
@@ -31,11 +40,14 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     net::judge_v6(&ctx, OP_SENDMSG)
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -92,7 +92,7 @@ fn judge(op: u8, dest: &Destination) -> i32 {
         }
     };
     let decision = decide(
-        lookup(&session, dest),
+        lookup(session, dest),
         dest.proto,
         dest.port,
         session.default_deny(),
@@ -122,7 +122,7 @@ fn judge(op: u8, dest: &Destination) -> i32 {
     }
 }
 
-fn lookup(session: &Session, dest: &Destination) -> Option<&'static RuleList> {
+fn lookup(session: Session, dest: &Destination) -> Option<&'static RuleList> {
     let profile = session.profile_id.to_be_bytes();
     if dest.family == 4 {
         let key = Key::new(
@@ -164,6 +164,7 @@ fn report(
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         session_cgroup,
         tgid: (pid_tgid >> 32) as u32,
+        #[expect(clippy::cast_possible_truncation, reason = "the uid is the low half")]
         uid: bpf_get_current_uid_gid() as u32,
         profile_id,
         rule_id,
@@ -181,11 +182,19 @@ fn report(
 
 /// `user_port` holds the port in network byte order in its low 16 bits.
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the port is the low 16 bits"
+)]
 fn port_from_ctx(user_port: u32) -> u16 {
     u16::from_be(user_port as u16)
 }
 
 #[inline(always)]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "IP protocol numbers fit in a byte"
+)]
 fn proto_from_ctx(protocol: u32) -> u8 {
     protocol as u8
 }

@@ -9,7 +9,7 @@ use crate::maps::{SESSIONS, count};
 #[unsafe(no_mangle)]
 static INSTANCE_CGROUP_ID: u64 = 0;
 #[unsafe(no_mangle)]
-static INSTANCE_CGROUP_LEVEL: u32 = 0;
+static INSTANCE_CGROUP_LEVEL: i32 = 0;
 
 pub enum Lookup {
     /// Not in this controller's cgroup tree: not ours to judge.
@@ -26,21 +26,20 @@ pub enum Lookup {
 #[inline(always)]
 pub fn current() -> Lookup {
     // SAFETY: globals are plain integers written before load.
-    let instance = unsafe { core::ptr::read_volatile(&INSTANCE_CGROUP_ID) };
-    let level = unsafe { core::ptr::read_volatile(&INSTANCE_CGROUP_LEVEL) };
+    let instance = unsafe { core::ptr::read_volatile(&raw const INSTANCE_CGROUP_ID) };
+    let level = unsafe { core::ptr::read_volatile(&raw const INSTANCE_CGROUP_LEVEL) };
     // SAFETY: helper with a plain integer argument.
-    let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+    let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
     if ancestor != instance || instance == 0 {
         return Lookup::Outside;
     }
     // SAFETY: as above.
-    let session_cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32 + 1) };
+    let session_cgroup = unsafe { bpf_get_current_ancestor_cgroup_id(level + 1) };
     // SAFETY: the value is copied out before the map can change under it.
-    match unsafe { SESSIONS.get(&session_cgroup) } {
-        Some(session) => Lookup::Inside(session_cgroup, *session),
-        None => {
-            count(Counter::UnknownSession);
-            Lookup::Unknown(session_cgroup)
-        }
+    if let Some(session) = unsafe { SESSIONS.get(session_cgroup) } {
+        Lookup::Inside(session_cgroup, *session)
+    } else {
+        count(Counter::UnknownSession);
+        Lookup::Unknown(session_cgroup)
     }
 }

@@ -3,7 +3,7 @@
 //! The child joins the cgroup between fork and exec, so the command's first
 //! instruction already runs enforced and no socket of its own is ever
 //! created outside. Under sudo it then drops to the invoking user with
-//! no_new_privs, so it cannot regain root through setuid binaries, leave its
+//! `no_new_privs`, so it cannot regain root through setuid binaries, leave its
 //! cgroup, or touch the controller.
 
 use std::{
@@ -62,7 +62,7 @@ impl DropTo {
 /// Run `argv` in the session cgroup `cgroup` and wait for it, forwarding
 /// SIGTERM and SIGHUP. Returns how it ended.
 pub async fn run(argv: &[OsString], cgroup: &Path, drop_to: Option<&DropTo>) -> Result<ExitStatus> {
-    let Some((program, args)) = argv.split_first() else {
+    let Some((program, program_args)) = argv.split_first() else {
         bail!("no command given: use `enforcer run [OPTIONS] -- COMMAND [ARGS...]`");
     };
     let procs = OpenOptions::new()
@@ -72,7 +72,7 @@ pub async fn run(argv: &[OsString], cgroup: &Path, drop_to: Option<&DropTo>) -> 
     let procs_fd = procs.as_raw_fd();
 
     let mut command = tokio::process::Command::new(program);
-    command.args(args);
+    command.args(program_args);
     if let Some(d) = drop_to {
         command
             .env("HOME", &d.user.dir)

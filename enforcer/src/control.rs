@@ -1,5 +1,5 @@
 //! The daemon's control socket: one JSON request per line, one JSON response
-//! per line. Only root may connect (checked with SO_PEERCRED).
+//! per line. Only root may connect (checked with `SO_PEERCRED`).
 //!
 //! A session opened on a connection is tied to it: when `enforcer run`
 //! closes the session (or its connection drops), the daemon keeps enforcing

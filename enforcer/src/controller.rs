@@ -144,7 +144,7 @@ impl Controller {
         let kernel = Kernel::load(&Scope {
             attach_cgroup: &hierarchy.mount,
             instance_cgroup_id: cgroup::id(&instance_dir)?,
-            instance_cgroup_level: hierarchy.level(&instance_dir)?,
+            instance_cgroup_level: i32::try_from(hierarchy.level(&instance_dir)?)?,
             rule_count: u32::try_from(rules.len())?,
         });
         let mut kernel = match kernel {
@@ -672,15 +672,14 @@ fn sweep_stale_instances(root: &Path) {
         if pid_alive {
             continue;
         }
-        match cgroup::populated(&dir) {
-            Ok(false) => {
-                let _ = cgroup::remove_tree(&dir);
-            }
-            _ => tracing::error!(
+        if let Ok(false) = cgroup::populated(&dir) {
+            let _ = cgroup::remove_tree(&dir);
+        } else {
+            tracing::error!(
                 "{} holds processes whose controller is gone: they are NOT enforced; \
                  kill them or move them into a new session",
                 dir.display()
-            ),
+            );
         }
     }
 }

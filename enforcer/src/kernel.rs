@@ -17,7 +17,7 @@ use ipnet::IpNet;
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
-/// The cgroup sock_addr programs and the hooks they attach to.
+/// The `cgroup_sock_addr` programs, named after the hooks they attach to.
 pub const NET_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
 
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,7 @@ pub struct Scope<'a> {
     /// This controller instance's parent cgroup (id and depth); only tasks
     /// below it are judged.
     pub instance_cgroup_id: u64,
-    pub instance_cgroup_level: u32,
+    pub instance_cgroup_level: i32,
     /// How many rule ids the loaded profiles use (sizes the hit counters).
     pub rule_count: u32,
 }

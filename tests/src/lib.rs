@@ -31,7 +31,11 @@ pub fn enforcer_bin() -> PathBuf {
 /// fail (rather than silently pass) without it.
 pub fn require_root() {
     // SAFETY: geteuid cannot fail.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "kernel integration tests must run as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kernel integration tests must run as root"
+    );
 }
 
 /// A scratch rules directory, log file and (absent) daemon socket, so each
@@ -83,7 +87,15 @@ impl Sandbox {
     pub fn run(&self, profile: &str, extra: &[&str], agent: &[&str]) -> Output {
         let rules = self.rules();
         let log = self.log();
-        let mut args = vec!["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", profile];
+        let mut args = vec![
+            "run",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+            "--profile",
+            profile,
+        ];
         args.extend_from_slice(extra);
         args.push("--");
         args.extend_from_slice(agent);
@@ -130,7 +142,11 @@ pub fn probe_bin() -> &'static str {
             .and_then(Path::parent)
             .expect("test binary in target/<profile>/deps")
             .join("probe");
-        assert!(probe.exists(), "{} is missing: build with `cargo test -p integration-tests`", probe.display());
+        assert!(
+            probe.exists(),
+            "{} is missing: build with `cargo test -p integration-tests`",
+            probe.display()
+        );
         probe.display().to_string()
     })
 }

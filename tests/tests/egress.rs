@@ -26,7 +26,11 @@ allow = ["127.0.10.7"]
 "#;
 
 fn only(records: &[Value]) -> &Value {
-    assert_eq!(records.len(), 1, "expected exactly one log record: {records:#?}");
+    assert_eq!(
+        records.len(),
+        1,
+        "expected exactly one log record: {records:#?}"
+    );
     &records[0]
 }
 
@@ -45,10 +49,19 @@ fn denied_tcp_connect_gets_eperm_and_a_complete_log_line() {
     assert_eq!(r["host"], Value::Null);
     assert_eq!(r["rule"]["text"], "127.0.0.2");
     assert_eq!(r["rule"]["line"], 6);
-    assert!(r["rule"]["file"].as_str().unwrap().ends_with("rules/denylist.toml"));
+    assert!(
+        r["rule"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("rules/denylist.toml")
+    );
     assert!(r["session"].as_str().unwrap().starts_with("denylist."));
     assert!(r["pid"].as_u64().unwrap() > 1);
-    assert!(r["ts"].as_str().unwrap().starts_with("20"), "RFC 3339 timestamp: {}", r["ts"]);
+    assert!(
+        r["ts"].as_str().unwrap().starts_with("20"),
+        "RFC 3339 timestamp: {}",
+        r["ts"]
+    );
 }
 
 #[test]
@@ -67,27 +80,52 @@ fn allowed_destinations_connect_normally() {
 fn udp_unconnected_and_connected_are_denied() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    assert_eq!(sb.probe("denylist", &[], "udp-sendto", "127.0.0.2:53"), "eperm");
-    assert_eq!(sb.probe("denylist", &[], "udp-connect", "127.0.0.2:53"), "eperm");
-    assert_eq!(sb.probe("denylist", &[], "udp-sendto", "127.0.10.200:53"), "eperm");
+    assert_eq!(
+        sb.probe("denylist", &[], "udp-sendto", "127.0.0.2:53"),
+        "eperm"
+    );
+    assert_eq!(
+        sb.probe("denylist", &[], "udp-connect", "127.0.0.2:53"),
+        "eperm"
+    );
+    assert_eq!(
+        sb.probe("denylist", &[], "udp-sendto", "127.0.10.200:53"),
+        "eperm"
+    );
     let records = sb.records();
     let ops: Vec<(&str, &str)> = records
         .iter()
         .map(|r| (r["op"].as_str().unwrap(), r["proto"].as_str().unwrap()))
         .collect();
-    assert_eq!(ops, [("sendmsg", "udp"), ("connect", "udp"), ("sendmsg", "udp")]);
-    assert_eq!(sb.probe("denylist", &[], "udp-sendto", "127.0.0.4:53"), "ok");
+    assert_eq!(
+        ops,
+        [("sendmsg", "udp"), ("connect", "udp"), ("sendmsg", "udp")]
+    );
+    assert_eq!(
+        sb.probe("denylist", &[], "udp-sendto", "127.0.0.4:53"),
+        "ok"
+    );
 }
 
 #[test]
 fn ipv4_mapped_ipv6_is_judged_by_ipv4_rules() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    assert_eq!(sb.probe("denylist", &[], "tcp-mapped", "127.0.0.2:80"), "eperm");
-    assert_eq!(sb.probe("denylist", &[], "udp-mapped", "127.0.0.2:53"), "eperm");
+    assert_eq!(
+        sb.probe("denylist", &[], "tcp-mapped", "127.0.0.2:80"),
+        "eperm"
+    );
+    assert_eq!(
+        sb.probe("denylist", &[], "udp-mapped", "127.0.0.2:53"),
+        "eperm"
+    );
     let records = sb.records();
     assert_eq!(records.len(), 2);
-    assert!(records.iter().all(|r| r["target"].as_str().unwrap().starts_with("127.0.0.2:")));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["target"].as_str().unwrap().starts_with("127.0.0.2:"))
+    );
 }
 
 #[test]
@@ -107,7 +145,10 @@ fn port_and_protocol_specific_rules() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
     assert_eq!(sb.probe("denylist", &[], "tcp", "127.0.0.3:8080"), "eperm");
-    assert_eq!(sb.probe("denylist", &[], "udp-sendto", "127.0.0.3:8080"), "ok");
+    assert_eq!(
+        sb.probe("denylist", &[], "udp-sendto", "127.0.0.3:8080"),
+        "ok"
+    );
     let (_l, addr) = listen("127.0.0.3:0");
     assert_ne!(addr.port(), 8080);
     assert_eq!(sb.probe("denylist", &[], "tcp", &addr.to_string()), "ok");
@@ -117,7 +158,10 @@ fn port_and_protocol_specific_rules() {
 #[test]
 fn unspecified_address_is_judged_as_loopback() {
     let sb = Sandbox::new();
-    sb.profile("lo", "name = \"lo\"\n[network]\ndeny = [\"127.0.0.1:7\", \"[::1]:7\"]\n");
+    sb.profile(
+        "lo",
+        "name = \"lo\"\n[network]\ndeny = [\"127.0.0.1:7\", \"[::1]:7\"]\n",
+    );
     assert_eq!(sb.probe("lo", &[], "tcp", "0.0.0.0:7"), "eperm");
     assert_eq!(sb.probe("lo", &[], "udp-sendto", "[::]:7"), "eperm");
 }
@@ -126,7 +170,10 @@ fn unspecified_address_is_judged_as_loopback() {
 fn tcp_fast_open_is_judged_like_connect() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    assert_eq!(sb.probe("denylist", &[], "tcp-fastopen", "127.0.0.2:80"), "eperm");
+    assert_eq!(
+        sb.probe("denylist", &[], "tcp-fastopen", "127.0.0.2:80"),
+        "eperm"
+    );
     assert_eq!(only(&sb.records())["op"], "connect");
 }
 
@@ -137,15 +184,33 @@ fn allow_list_profile_reaches_only_what_it_names() {
     let (_l2, other) = listen("127.0.0.6:0");
     sb.profile(
         "allowlist",
-        &format!("name = \"allowlist\"\n[network]\ndefault = \"deny\"\nallow = [\"{allowed}/tcp\"]\n"),
+        &format!(
+            "name = \"allowlist\"\n[network]\ndefault = \"deny\"\nallow = [\"{allowed}/tcp\"]\n"
+        ),
     );
-    assert_eq!(sb.probe("allowlist", &[], "tcp", &allowed.to_string()), "ok");
-    assert_eq!(sb.probe("allowlist", &[], "tcp", &other.to_string()), "eperm");
-    assert_eq!(sb.probe("allowlist", &[], "udp-sendto", &allowed.to_string()), "eperm");
-    assert_eq!(sb.probe("allowlist", &[], "udp-sendto", "[::1]:53"), "eperm");
+    assert_eq!(
+        sb.probe("allowlist", &[], "tcp", &allowed.to_string()),
+        "ok"
+    );
+    assert_eq!(
+        sb.probe("allowlist", &[], "tcp", &other.to_string()),
+        "eperm"
+    );
+    assert_eq!(
+        sb.probe("allowlist", &[], "udp-sendto", &allowed.to_string()),
+        "eperm"
+    );
+    assert_eq!(
+        sb.probe("allowlist", &[], "udp-sendto", "[::1]:53"),
+        "eperm"
+    );
     let records = sb.records();
     assert_eq!(records.len(), 3);
-    assert!(records.iter().all(|r| r["rule"]["text"] == "default = \"deny\""));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["rule"]["text"] == "default = \"deny\"")
+    );
 }
 
 #[test]
@@ -153,12 +218,18 @@ fn audit_mode_allows_but_logs() {
     let sb = Sandbox::new();
     let (_l, addr) = listen("127.0.0.2:0");
     sb.profile("denylist", DENY_LIST);
-    assert_eq!(sb.probe("denylist", &["--audit"], "tcp", &addr.to_string()), "ok");
+    assert_eq!(
+        sb.probe("denylist", &["--audit"], "tcp", &addr.to_string()),
+        "ok"
+    );
     let r = only(&sb.records()).clone();
     assert_eq!(r["verdict"], "audit");
     assert_eq!(r["target"], addr.to_string());
 
-    sb.profile("audited", "name = \"audited\"\nmode = \"audit\"\n[network]\ndeny = [\"127.0.0.2\"]\n");
+    sb.profile(
+        "audited",
+        "name = \"audited\"\nmode = \"audit\"\n[network]\ndeny = [\"127.0.0.2\"]\n",
+    );
     assert_eq!(sb.probe("audited", &[], "tcp", &addr.to_string()), "ok");
     assert_eq!(sb.records()[1]["verdict"], "audit");
 }
@@ -167,7 +238,10 @@ fn audit_mode_allows_but_logs() {
 fn child_cgroups_of_the_session_stay_enforced() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    assert_eq!(sb.probe("denylist", &[], "nested-tcp", "127.0.0.2:80"), "eperm");
+    assert_eq!(
+        sb.probe("denylist", &[], "nested-tcp", "127.0.0.2:80"),
+        "eperm"
+    );
     assert_eq!(only(&sb.records())["verdict"], "deny");
 }
 
@@ -179,10 +253,21 @@ fn processes_outside_the_session_are_unaffected() {
     let rules = sb.rules();
     let log = sb.log();
     let mut agent = Spawned(
-        sb.enforcer(&["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", "denylist", "--", "sleep", "3"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
+        sb.enforcer(&[
+            "run",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+            "--profile",
+            "denylist",
+            "--",
+            "sleep",
+            "3",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap(),
     );
     // Wait until the session is live (its programs are attached).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -190,35 +275,54 @@ fn processes_outside_the_session_are_unaffected() {
         assert!(Instant::now() < deadline, "the session never started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("outside the session, the denied address is reachable");
+    TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .expect("outside the session, the denied address is reachable");
     assert!(agent.0.wait().unwrap().success());
     assert!(sb.records().is_empty());
 }
 
 fn session_is_live() -> bool {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
     let Some(mount) = mountinfo.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
-        right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
     }) else {
         return false;
     };
     let root = std::path::Path::new(&mount).join("enforcer");
-    std::fs::read_dir(root).into_iter().flatten().flatten().any(|instance| {
-        std::fs::read_dir(instance.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|s| s.file_name().to_string_lossy().starts_with("denylist."))
-    })
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|instance| {
+            std::fs::read_dir(instance.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|s| s.file_name().to_string_lossy().starts_with("denylist."))
+        })
 }
 
 #[test]
 fn exit_code_and_signals_pass_through() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    assert_eq!(sb.run("denylist", &[], &["sh", "-c", "exit 42"]).status.code(), Some(42));
-    assert_eq!(sb.run("denylist", &[], &["sh", "-c", "kill -9 $$"]).status.code(), Some(137));
+    assert_eq!(
+        sb.run("denylist", &[], &["sh", "-c", "exit 42"])
+            .status
+            .code(),
+        Some(42)
+    );
+    assert_eq!(
+        sb.run("denylist", &[], &["sh", "-c", "kill -9 $$"])
+            .status
+            .code(),
+        Some(137)
+    );
     assert_eq!(sb.run("denylist", &[], &["true"]).status.code(), Some(0));
 }
 
@@ -229,7 +333,10 @@ fn missing_command_and_unknown_profile_fail_clearly() {
     let out = sb.run("nope", &[], &["true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no profile named `nope`") && err.contains("denylist"), "{err}");
+    assert!(
+        err.contains("no profile named `nope`") && err.contains("denylist"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -237,7 +344,10 @@ fn host_name_rules_resolve_and_follow_address_changes() {
     let sb = Sandbox::new();
     let dns = TestDnsServer::start(Ipv4Addr::LOCALHOST.into()).unwrap();
     dns.set_a("db.test", &[Ipv4Addr::new(127, 0, 20, 1)], 1);
-    sb.profile("named", "name = \"named\"\n[network]\ndeny = [\"db.test:5432\"]\n");
+    sb.profile(
+        "named",
+        "name = \"named\"\n[network]\ndeny = [\"db.test:5432\"]\n",
+    );
     let resolver = dns.addr().to_string();
     // Resolved at load: the agent is denied the address the name has now.
     let script = format!(
@@ -253,20 +363,30 @@ fn host_name_rules_resolve_and_follow_address_changes() {
         dns.query_count()
     });
     let out = sb.run("named", &["--resolver", &resolver], &["sh", "-c", &script]);
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
     // Before the change: old address denied. After it (TTL 1 s, refreshed
     // within ~2.5 s): old address allowed, new address denied.
     assert_eq!(lines, ["eperm", "ok", "eperm"]);
     let records = sb.records();
     assert_eq!(records.len(), 2);
-    assert!(records.iter().all(|r| r["host"] == "db.test" && r["rule"]["text"] == "db.test:5432"));
+    assert!(
+        records
+            .iter()
+            .all(|r| r["host"] == "db.test" && r["rule"]["text"] == "db.test:5432")
+    );
     assert!(changer.join().unwrap() >= 2, "the name was re-resolved");
 }
 
 #[test]
 fn hosts_file_names_resolve() {
     let sb = Sandbox::new();
-    sb.profile("named", "name = \"named\"\n[network]\ndeny = [\"localhost:7\"]\n");
+    sb.profile(
+        "named",
+        "name = \"named\"\n[network]\ndeny = [\"localhost:7\"]\n",
+    );
     assert_eq!(sb.probe("named", &[], "tcp", "127.0.0.1:7"), "eperm");
     assert_eq!(only(&sb.records())["host"], "localhost");
 }
@@ -276,8 +396,14 @@ fn builtin_default_profile_denies_cloud_metadata() {
     let sb = Sandbox::new();
     // No rules directory at all: the built-in default applies.
     std::fs::remove_dir(sb.rules()).unwrap();
-    assert_eq!(sb.probe("default", &[], "tcp", "169.254.169.254:80"), "eperm");
-    assert_eq!(sb.probe("default", &[], "udp-sendto", "[fd00:ec2::254]:80"), "eperm");
+    assert_eq!(
+        sb.probe("default", &[], "tcp", "169.254.169.254:80"),
+        "eperm"
+    );
+    assert_eq!(
+        sb.probe("default", &[], "udp-sendto", "[fd00:ec2::254]:80"),
+        "eperm"
+    );
     let r = &sb.records()[0];
     assert_eq!(r["profile"], "default");
     assert_eq!(r["rule"]["file"], "<built-in>/default.toml");
@@ -290,13 +416,28 @@ fn sudo_user_runs_unprivileged_with_no_new_privs() {
     let rules = sb.rules();
     let log = sb.log();
     let out = sb
-        .enforcer(&["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", "denylist", "--", probe_bin(), "id"])
+        .enforcer(&[
+            "run",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+            "--profile",
+            "denylist",
+            "--",
+            probe_bin(),
+            "id",
+        ])
         .env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("uid=65534 nnp=1 cgroup="), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.starts_with("uid=65534 nnp=1 cgroup="),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("/enforcer/run-"), "{stdout}");
 }
 
@@ -313,7 +454,19 @@ fn unprivileged_agent_cannot_leave_its_cgroup() {
         probe_bin()
     );
     let out = sb
-        .enforcer(&["run", "--rules", path_str(&rules), "--log", path_str(&log), "--profile", "denylist", "--", "sh", "-c", &script])
+        .enforcer(&[
+            "run",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+            "--profile",
+            "denylist",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
         .env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
         .output()
@@ -327,19 +480,57 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     sb.profile("denylist", DENY_LIST);
     let rules = sb.rules();
     let log = sb.log();
-    let mut daemon = Spawned(sb.enforcer(&["daemon", "--rules", path_str(&rules), "--log", path_str(&log)]).spawn().unwrap());
+    let mut daemon = Spawned(
+        sb.enforcer(&[
+            "daemon",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+        ])
+        .spawn()
+        .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sb.socket().exists() || sb.enforcer(&["status"]).output().unwrap().stdout.starts_with(b"controller: none") {
+    while !sb.socket().exists()
+        || sb
+            .enforcer(&["status"])
+            .output()
+            .unwrap()
+            .stdout
+            .starts_with(b"controller: none")
+    {
         assert!(Instant::now() < deadline, "the daemon did not come up");
         std::thread::sleep(Duration::from_millis(100));
     }
     // `run` without --rules goes through the daemon.
-    let out = sb.enforcer(&["run", "--profile", "denylist", "--", probe_bin(), "tcp", "127.0.0.2:80"]).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "eperm", "{out:?}");
-    let exit = sb.enforcer(&["run", "--profile", "denylist", "--", "sh", "-c", "exit 3"]).status().unwrap();
+    let out = sb
+        .enforcer(&[
+            "run",
+            "--profile",
+            "denylist",
+            "--",
+            probe_bin(),
+            "tcp",
+            "127.0.0.2:80",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "eperm",
+        "{out:?}"
+    );
+    let exit = sb
+        .enforcer(&["run", "--profile", "denylist", "--", "sh", "-c", "exit 3"])
+        .status()
+        .unwrap();
     assert_eq!(exit.code(), Some(3));
     // Options that would differ from the daemon's are refused, not ignored.
-    let out = sb.enforcer(&["run", "--rules", "/elsewhere", "--", "true"]).output().unwrap();
+    let out = sb
+        .enforcer(&["run", "--rules", "/elsewhere", "--", "true"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot change them per session"));
 
@@ -348,15 +539,41 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     assert_eq!(status["controller"], "daemon");
     assert_eq!(status["counters"]["denied"], 1);
     assert_eq!(status["counters"]["events_lost"], 0);
-    let profile = status["profiles"].as_array().unwrap().iter().find(|p| p["name"] == "denylist").unwrap();
-    let rule = profile["rules"].as_array().unwrap().iter().find(|r| r["text"] == "127.0.0.2").unwrap();
+    let profile = status["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "denylist")
+        .unwrap();
+    let rule = profile["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["text"] == "127.0.0.2")
+        .unwrap();
     assert_eq!(rule["hits"], 1);
     assert_eq!(status["programs"].as_array().unwrap().len(), 4);
 
-    let logs = sb.enforcer(&["logs", "--log", path_str(&log)]).output().unwrap();
+    let logs = sb
+        .enforcer(&["logs", "--log", path_str(&log)])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&logs.stdout);
-    assert!(text.contains("DENY  connect 127.0.0.2:80/tcp profile=denylist"), "{text}");
-    let json = sb.enforcer(&["logs", "--json", "--profile", "nope", "--log", path_str(&log)]).output().unwrap();
+    assert!(
+        text.contains("DENY  connect 127.0.0.2:80/tcp profile=denylist"),
+        "{text}"
+    );
+    let json = sb
+        .enforcer(&[
+            "logs",
+            "--json",
+            "--profile",
+            "nope",
+            "--log",
+            path_str(&log),
+        ])
+        .output()
+        .unwrap();
     assert!(json.stdout.is_empty());
 
     // SAFETY: signalling our own child.
@@ -371,7 +588,12 @@ fn logs_follow_prints_new_lines() {
     sb.profile("denylist", DENY_LIST);
     let log = sb.log();
     std::fs::write(&log, "").unwrap();
-    let mut follower = Spawned(sb.enforcer(&["logs", "-f", "--json", "--log", path_str(&log)]).stdout(Stdio::piped()).spawn().unwrap());
+    let mut follower = Spawned(
+        sb.enforcer(&["logs", "-f", "--json", "--log", path_str(&log)])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     assert_eq!(sb.probe("denylist", &[], "tcp", "127.0.0.2:80"), "eperm");
     let mut stdout = follower.0.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -395,10 +617,19 @@ fn logs_follow_prints_new_lines() {
 fn check_names_file_line_and_key() {
     let sb = Sandbox::new();
     sb.profile("good", DENY_LIST.replace("denylist", "good").as_str());
-    let ok = sb.enforcer(&["check", "--offline", "--rules", path_str(&sb.rules())]).output().unwrap();
+    let ok = sb
+        .enforcer(&["check", "--offline", "--rules", path_str(&sb.rules())])
+        .output()
+        .unwrap();
     assert!(ok.status.success(), "{ok:?}");
-    sb.profile("bad", "name = \"bad\"\n[network]\ndeny = [\n  \"10.0.0.1/8\",\n]\ncolour = 1\n");
-    let bad = sb.enforcer(&["check", "--offline", "--rules", path_str(&sb.rules())]).output().unwrap();
+    sb.profile(
+        "bad",
+        "name = \"bad\"\n[network]\ndeny = [\n  \"10.0.0.1/8\",\n]\ncolour = 1\n",
+    );
+    let bad = sb
+        .enforcer(&["check", "--offline", "--rules", path_str(&sb.rules())])
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(1));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("bad.toml:6: `colour`"), "{err}");

@@ -31,8 +31,16 @@ fn output(cmd: &mut Command) -> Option<String> {
 }
 
 fn ensure_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .context("the nightly toolchain is missing: install it with `rustup toolchain install nightly`")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context(
+        "the nightly toolchain is missing: install it with `rustup toolchain install nightly`",
+    )?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -42,6 +50,7 @@ fn ensure_rust_src() -> Result<()> {
 
 /// Install Debian packages whose marker file is missing.
 pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    static UPDATE: Once = Once::new();
     let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, marker)| !Path::new(marker).exists())
@@ -51,7 +60,6 @@ pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing Debian packages: {}", missing.join(" "));
-    static UPDATE: Once = Once::new();
     let mut update = Ok(());
     UPDATE.call_once(|| update = run(Command::new("apt-get").args(["update", "-q"])));
     update?;
@@ -68,9 +76,11 @@ fn ensure_bpf_linker() -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
-    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", "llvm-22", "--force"])
-        // Without it the build finds the system's older llvm-config first.
-        .env("LLVM_PREFIX", LLVM_PREFIX))
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22", "--force"])
+            // Without it the build finds the system's older llvm-config first.
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
 }

@@ -84,12 +84,24 @@ fn build() -> Result<PathBuf> {
 fn test() -> Result<()> {
     let enforcer = build()?;
     println!("xtask: unit tests");
-    run(cargo().args(["test", "-p", "enforcer", "-p", "enforcer-common", "-p", "xtask"]))?;
+    run(cargo().args([
+        "test",
+        "-p",
+        "enforcer",
+        "-p",
+        "enforcer-common",
+        "-p",
+        "xtask",
+    ]))?;
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("the kernel integration tests load BPF programs and need root: run `sudo -E cargo xtask test`");
+        bail!(
+            "the kernel integration tests load BPF programs and need root: run `sudo -E cargo xtask test`"
+        );
     }
-    println!("xtask: kernel integration tests on the host kernel (one at a time: they share kernel state)");
+    println!(
+        "xtask: kernel integration tests on the host kernel (one at a time: they share kernel state)"
+    );
     run(cargo()
         .args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
         .env("ENFORCER_BIN", &enforcer))?;

@@ -88,16 +88,13 @@ fn split_port(text: &str) -> Result<(&str, Ports), String> {
             },
         };
     }
-    match text.matches(':').count() {
-        0 => Ok((text, Ports::ANY)),
-        // A bare IPv6 address or prefix has several colons and no port; a
-        // port on IPv6 needs brackets.
-        1 => {
-            let (host, port) = text.split_once(':').unwrap_or((text, ""));
-            Ok((host, parse_ports(port)?))
-        }
-        _ => Ok((text, Ports::ANY)),
+    // A bare IPv6 address or prefix has several colons and no port; a port
+    // on IPv6 needs brackets.
+    if text.matches(':').count() == 1 {
+        let (host, port) = text.split_once(':').unwrap_or((text, ""));
+        return Ok((host, parse_ports(port)?));
     }
+    Ok((text, Ports::ANY))
 }
 
 fn parse_ports(text: &str) -> Result<Ports, String> {
@@ -107,19 +104,15 @@ fn parse_ports(text: &str) -> Result<Ports, String> {
             Ok(n) => Ok(n),
         }
     };
-    match text.split_once('-') {
-        Some((lo, hi)) => {
-            let (lo, hi) = (port(lo)?, port(hi)?);
-            if lo > hi {
-                return Err(format!("port range {lo}-{hi} is backwards"));
-            }
-            Ok(Ports { lo, hi })
+    if let Some((lo, hi)) = text.split_once('-') {
+        let (lo, hi) = (port(lo)?, port(hi)?);
+        if lo > hi {
+            return Err(format!("port range {lo}-{hi} is backwards"));
         }
-        None => {
-            let p = port(text)?;
-            Ok(Ports { lo: p, hi: p })
-        }
+        return Ok(Ports { lo, hi });
     }
+    let p = port(text)?;
+    Ok(Ports { lo: p, hi: p })
 }
 
 fn parse_host(text: &str) -> Result<Host, String> {

@@ -1,6 +1,7 @@
 //! What the tests run as the "agent": tries one way of reaching a destination
 //! and reports the outcome on stdout as `ok`, `eperm` or `error <errno>`.
 //!
+//! ```text
 //! Usage: probe <how> <addr:port>
 //!   tcp            TCP connect (AF_INET for IPv4, AF_INET6 for IPv6)
 //!   tcp-mapped     TCP connect from an AF_INET6 socket to ::ffff:<IPv4>
@@ -10,6 +11,7 @@
 //!   tcp-fastopen   TCP Fast Open: sendto(MSG_FASTOPEN) without connect
 //!   nested-tcp     create a child cgroup under our own, move into it, TCP connect
 //!   id             print uid, NoNewPrivs and cgroup, ignoring the address
+//! ```
 
 use std::{
     io,
@@ -36,7 +38,8 @@ fn main() {
         "udp-mapped" => udp_sendto(mapped(dest)),
         "udp-connect" => udp_connect(dest),
         "tcp-fastopen" => tcp_fastopen(dest),
-        "nested-tcp" => nest().and_then(|()| TcpStream::connect_timeout(&dest, Duration::from_secs(2)).map(drop)),
+        "nested-tcp" => nest()
+            .and_then(|()| TcpStream::connect_timeout(&dest, Duration::from_secs(2)).map(drop)),
         other => {
             eprintln!("unknown probe `{other}`");
             std::process::exit(64);
@@ -57,7 +60,11 @@ fn mapped(dest: SocketAddr) -> SocketAddr {
 }
 
 fn bind_any(dest: SocketAddr) -> io::Result<UdpSocket> {
-    if dest.is_ipv4() { UdpSocket::bind("0.0.0.0:0") } else { UdpSocket::bind("[::]:0") }
+    if dest.is_ipv4() {
+        UdpSocket::bind("0.0.0.0:0")
+    } else {
+        UdpSocket::bind("[::]:0")
+    }
 }
 
 fn udp_sendto(dest: SocketAddr) -> io::Result<()> {
@@ -71,7 +78,11 @@ fn udp_connect(dest: SocketAddr) -> io::Result<()> {
 }
 
 fn tcp_fastopen(dest: SocketAddr) -> io::Result<()> {
-    let family = if dest.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    let family = if dest.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
     // SAFETY: plain socket syscall; the fd is owned right away.
     let fd = unsafe { libc::socket(family, libc::SOCK_STREAM, 0) };
     if fd < 0 {
@@ -91,7 +102,11 @@ fn tcp_fastopen(dest: SocketAddr) -> io::Result<()> {
             len,
         )
     };
-    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if sent < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 fn sockaddr(dest: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -100,9 +115,11 @@ fn sockaddr(dest: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     let len = match dest {
         SocketAddr::V4(v4) => {
             let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
                 sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is larger than sockaddr_in.
@@ -111,10 +128,12 @@ fn sockaddr(dest: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
         SocketAddr::V6(v6) => {
             let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_family: libc::sa_family_t::try_from(libc::AF_INET6).expect("AF_INET6 fits"),
                 sin6_port: v6.port().to_be(),
                 sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
                 sin6_scope_id: 0,
             };
             // SAFETY: sockaddr_storage is larger than sockaddr_in6.
@@ -135,7 +154,9 @@ fn own_cgroup() -> io::Result<std::path::PathBuf> {
         .lines()
         .find_map(|l| {
             let (left, right) = l.split_once(" - ")?;
-            right.starts_with("cgroup2 ").then(|| left.split_whitespace().nth(4).map(str::to_owned))?
+            right
+                .starts_with("cgroup2 ")
+                .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
         })
         .ok_or_else(|| io::Error::other("no cgroup2 mount"))?;
     Ok(std::path::Path::new(&mount).join(relative.trim_start_matches('/')))
