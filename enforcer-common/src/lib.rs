@@ -10,8 +10,10 @@
     reason = "explicit padding fields of repr(C) types shared with the kernel"
 )]
 
+pub mod file;
 pub mod net;
 
+pub use file::*;
 pub use net::*;
 
 /// Map names, shared so the controller looks up exactly what the kernel
@@ -23,6 +25,9 @@ pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const RULE_HITS: &str = "RULE_HITS";
+    pub const FILE_INODES: &str = "FILE_INODES";
+    pub const NAME_PREFIX: &str = "NAME_PREFIX";
+    pub const NAME_SUFFIX: &str = "NAME_SUFFIX";
 }
 
 /// Names of the read-only globals the controller sets at load time.
@@ -32,6 +37,8 @@ pub mod globals {
     pub const INSTANCE_CGROUP_ID: &str = "INSTANCE_CGROUP_ID";
     /// Depth of that parent cgroup below the cgroup2 root (root = 0).
     pub const INSTANCE_CGROUP_LEVEL: &str = "INSTANCE_CGROUP_LEVEL";
+    /// Kernel struct field offsets for the `file_open` program.
+    pub const KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 }
 
 /// Per-CPU counters of kernel-side failures and lost events, indexed by
@@ -50,17 +57,21 @@ pub enum Counter {
     Audited = 3,
     /// A rule-hit counter index was outside the `RULE_HITS` map.
     RuleHitOutOfRange = 4,
+    /// Reading a kernel struct in `file_open` failed; the open was denied
+    /// (fail closed).
+    FileReadFailed = 5,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 5] = [
+    pub const ALL: [Counter; 6] = [
         Counter::EventsLost,
         Counter::UnknownSession,
         Counter::Denied,
         Counter::Audited,
         Counter::RuleHitOutOfRange,
+        Counter::FileReadFailed,
     ];
-    #[expect(clippy::cast_possible_truncation, reason = "five counters")]
+    #[expect(clippy::cast_possible_truncation, reason = "a handful of counters")]
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     pub const fn name(self) -> &'static str {
@@ -70,6 +81,7 @@ impl Counter {
             Counter::Denied => "denied",
             Counter::Audited => "audited",
             Counter::RuleHitOutOfRange => "rule_hit_out_of_range",
+            Counter::FileReadFailed => "file_read_failed_denied",
         }
     }
 }
@@ -87,6 +99,9 @@ pub struct Session {
     pub profile_id: u32,
     /// `SESSION_*` flags.
     pub flags: u32,
+    /// File policy for `FILE_INODES` and the name tries; 0: no file rules.
+    pub file_policy: u32,
+    pub _pad: u32,
 }
 
 impl Session {
@@ -106,4 +121,9 @@ mod pod {
     unsafe impl aya::Pod for super::net::RuleList {}
     unsafe impl aya::Pod for super::net::V4Key {}
     unsafe impl aya::Pod for super::net::V6Key {}
+    unsafe impl aya::Pod for super::file::InodeKey {}
+    unsafe impl aya::Pod for super::file::InodeRule {}
+    unsafe impl aya::Pod for super::file::NameKey {}
+    unsafe impl aya::Pod for super::file::NameRule {}
+    unsafe impl aya::Pod for super::file::KernelOffsets {}
 }

@@ -140,11 +140,16 @@ pub const OP_SENDMSG: u8 = 2;
 pub const VERDICT_DENY: u8 = 1;
 pub const VERDICT_AUDIT: u8 = 2;
 
+pub const EVENT_NET: u32 = 1;
+
 /// A network decision that denied (or, in audit mode, would have denied),
 /// sent through the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct NetEvent {
+    /// [`EVENT_NET`]: every event starts with its kind.
+    pub kind: u32,
+    pub _pad0: u32,
     /// `bpf_ktime_get_boot_ns()` at the decision.
     pub boot_ns: u64,
     /// The session cgroup's id.
@@ -175,8 +180,8 @@ const _: () = assert!(size_of::<PortRule>() == 12);
 const _: () = assert!(size_of::<RuleList>() == 4 + 12 * MAX_PORT_RULES);
 const _: () = assert!(size_of::<V4Key>() == 8);
 const _: () = assert!(size_of::<V6Key>() == 20);
-const _: () = assert!(size_of::<NetEvent>() == 8 + 8 + 16 + 8 + 16 + 16);
-const _: () = assert!(size_of::<super::Session>() == 8);
+const _: () = assert!(size_of::<NetEvent>() == 8 + 8 + 8 + 16 + 8 + 16 + 16);
+const _: () = assert!(size_of::<super::Session>() == 16);
 
 #[cfg(test)]
 mod tests {

@@ -13,11 +13,15 @@
     reason = "small helpers on the hook path are inlined on purpose: fewer BPF-to-BPF calls, simpler verification"
 )]
 
+mod file;
 mod maps;
 mod net;
 mod session;
 
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, lsm},
+    programs::{LsmContext, SockAddrContext},
+};
 use enforcer_common::{OP_CONNECT, OP_SENDMSG};
 
 #[cgroup_sock_addr(connect4)]
@@ -38,6 +42,11 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     net::judge_v6(&ctx, OP_SENDMSG)
+}
+
+#[lsm(hook = "file_open")]
+pub fn file_open(ctx: LsmContext) -> i32 {
+    file::judge_open(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -6,7 +6,9 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use enforcer_common::{Counter, RuleList, Session, V4Key, V6Key};
+use enforcer_common::{
+    Counter, InodeKey, InodeRule, NameKey, NameRule, RuleList, Session, V4Key, V6Key,
+};
 
 /// Session cgroup id -> the profile and mode that apply to it.
 #[map]
@@ -22,6 +24,25 @@ pub static NET_RULES_V4: LpmTrie<V4Key, RuleList> =
 #[map]
 pub static NET_RULES_V6: LpmTrie<V6Key, RuleList> =
     LpmTrie::with_max_entries(1 << 20, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// (file policy, device, inode) -> rules for that file or directory.
+#[map]
+pub static FILE_INODES: HashMap<InodeKey, InodeRule> = HashMap::with_max_entries(1, 0);
+
+/// (scope, name) -> exact-name (NUL-terminated) and prefix patterns.
+#[map]
+pub static NAME_PREFIX: LpmTrie<NameKey, NameRule> =
+    LpmTrie::with_max_entries(1 << 16, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// (scope, reversed name) -> suffix patterns.
+#[map]
+pub static NAME_SUFFIX: LpmTrie<NameKey, NameRule> =
+    LpmTrie::with_max_entries(1 << 16, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Per-CPU room for the opened file's name keys (too big for the stack).
+#[map]
+pub static NAME_SCRATCH: PerCpuArray<crate::file::NameScratch> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Denial and audit events for the controller.
 #[map]

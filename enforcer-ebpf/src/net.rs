@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use enforcer_common::{
-    ACTION_DENY, Counter, NO_RULE, NetEvent, PROFILE_PREFIX_BITS, RuleList, Session, V4Key, V6Key,
-    VERDICT_AUDIT, VERDICT_DENY, decide,
+    ACTION_DENY, Counter, EVENT_NET, NO_RULE, NetEvent, PROFILE_PREFIX_BITS, RuleList, Session,
+    V4Key, V6Key, VERDICT_AUDIT, VERDICT_DENY, decide,
 };
 
 use crate::{
@@ -160,6 +160,8 @@ fn report(
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     entry.write(NetEvent {
+        kind: EVENT_NET,
+        _pad0: 0,
         // SAFETY: helper without arguments.
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         session_cgroup,

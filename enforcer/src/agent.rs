@@ -27,6 +27,10 @@ pub struct DropTo {
 }
 
 impl DropTo {
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
     /// The invoking user, from sudo's environment, when we are root.
     pub fn from_sudo() -> Result<Option<DropTo>> {
         if !Uid::effective().is_root() {

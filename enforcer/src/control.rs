@@ -25,7 +25,14 @@ pub const DEFAULT_SOCKET: &str = "/run/enforcer/control.sock";
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    OpenSession { profile: String, audit: bool },
+    OpenSession {
+        profile: String,
+        audit: bool,
+        /// The user the agent will run as (`~` in file rules is their home).
+        uid: u32,
+        /// Start even if the profile's file rules cannot be enforced.
+        allow_degraded: bool,
+    },
     CloseSession,
     Status,
 }
@@ -103,15 +110,18 @@ async fn handle(stream: UnixStream, controller: Controller) -> Result<()> {
                 Ok(Request::OpenSession { .. }) if session.is_some() => {
                     Response::Error("this connection already has a session".into())
                 }
-                Ok(Request::OpenSession { profile, audit }) => {
-                    match controller.open_session(&profile, audit) {
-                        Ok(grant) => {
-                            session = Some(grant.cgroup_id);
-                            Response::Session(grant)
-                        }
-                        Err(e) => Response::Error(format!("{e:#}")),
+                Ok(Request::OpenSession {
+                    profile,
+                    audit,
+                    uid,
+                    allow_degraded,
+                }) => match controller.open_session(&profile, audit, uid, allow_degraded) {
+                    Ok(grant) => {
+                        session = Some(grant.cgroup_id);
+                        Response::Session(grant)
                     }
-                }
+                    Err(e) => Response::Error(format!("{e:#}")),
+                },
                 Ok(Request::CloseSession) => match session.take() {
                     Some(id) => {
                         let c = controller.clone();

@@ -15,8 +15,8 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::{
-    Counter, NO_RULE, NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, SESSION_AUDIT,
-    SESSION_DEFAULT_DENY, Session, VERDICT_AUDIT,
+    Counter, EVENT_FILE, EVENT_NET, FileEvent, InodeKey, NO_RULE, NameRule, NetEvent, OP_CONNECT,
+    PROTO_TCP, PROTO_UDP, SESSION_AUDIT, SESSION_DEFAULT_DENY, Session, VERDICT_AUDIT,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,7 @@ use crate::{
     cgroup::{self, Hierarchy},
     kernel::{self, Kernel, Scope},
     log,
-    policy::{Action, Mode, Profile, ProfileSet, compile, target::Host},
+    policy::{Action, Mode, Profile, ProfileSet, compile, files, target::Host},
     resolve::{Answer, Resolution, Resolver},
 };
 
@@ -50,6 +50,9 @@ pub struct Grant {
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     pub audit: bool,
+    /// Why the profile's file rules are not enforced in this session, when
+    /// the user allowed a degraded session.
+    pub degraded: Option<String>,
 }
 
 struct Installed {
@@ -84,6 +87,9 @@ struct State {
     instance_dir: PathBuf,
     next_session: u64,
     kind: &'static str,
+    /// File policy id per (profile, home directory): `~` in file rules is
+    /// the home of the user the agent runs as.
+    file_policies: BTreeMap<(String, PathBuf), u32>,
 }
 
 #[derive(Clone)]
@@ -140,12 +146,39 @@ impl Controller {
                     },
                 });
             }
+            // File rules take the ids right after the profile's network rules.
+            for r in &profile.file_rules {
+                rules.push(RuleInfo {
+                    profile: profile.name.clone(),
+                    rule: log::RuleRef {
+                        file: r.origin.file.clone(),
+                        line: r.origin.line,
+                        text: r.text.clone(),
+                    },
+                    host: None,
+                });
+            }
         }
+        let offsets = crate::btf::file_offsets()
+            .map(|o| enforcer_common::KernelOffsets {
+                file_f_inode: o.file_f_inode,
+                file_f_path_dentry: o.file_f_path_dentry,
+                file_f_mode: o.file_f_mode,
+                inode_i_ino: o.inode_i_ino,
+                inode_i_sb: o.inode_i_sb,
+                super_block_s_dev: o.super_block_s_dev,
+                dentry_d_parent: o.dentry_d_parent,
+                dentry_d_name_name: o.dentry_d_name_name,
+                dentry_d_name_len: o.dentry_d_name_len,
+                dentry_d_inode: o.dentry_d_inode,
+            })
+            .map_err(|e| format!("kernel struct offsets for file rules are unknown: {e}"));
         let kernel = Kernel::load(&Scope {
             attach_cgroup: &hierarchy.mount,
             instance_cgroup_id: cgroup::id(&instance_dir)?,
             instance_cgroup_level: i32::try_from(hierarchy.level(&instance_dir)?)?,
             rule_count: u32::try_from(rules.len())?,
+            offsets,
         });
         let mut kernel = match kernel {
             Ok(k) => k,
@@ -167,6 +200,7 @@ impl Controller {
             instance_dir,
             next_session: 1,
             kind: config.kind,
+            file_policies: BTreeMap::new(),
         };
         let wanted: Vec<String> = config
             .only_profiles
@@ -204,9 +238,18 @@ impl Controller {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Create a session cgroup bound to `profile`, ready for the agent.
-    pub fn open_session(&self, profile: &str, force_audit: bool) -> Result<Grant> {
+    /// Create a session cgroup bound to `profile`, ready for an agent that
+    /// runs as `agent_uid`. A profile with file rules on a kernel that cannot
+    /// enforce them is refused unless `allow_degraded`.
+    pub fn open_session(
+        &self,
+        profile: &str,
+        force_audit: bool,
+        agent_uid: u32,
+        allow_degraded: bool,
+    ) -> Result<Grant> {
         let mut state = self.state();
+        let (file_policy, degraded) = state.file_policy_for(profile, agent_uid, allow_degraded)?;
         let (profile_id, flags) = {
             let Some(installed) = state.installed.get(profile) else {
                 bail!("{}", unknown_profile(&state.profiles, profile));
@@ -226,10 +269,15 @@ impl Controller {
         let path = state.instance_dir.join(&name);
         cgroup::create_dir(&path)?;
         let cgroup_id = cgroup::id(&path)?;
-        if let Err(e) = state
-            .kernel
-            .set_session(cgroup_id, Session { profile_id, flags })
-        {
+        if let Err(e) = state.kernel.set_session(
+            cgroup_id,
+            Session {
+                profile_id,
+                flags,
+                file_policy,
+                _pad: 0,
+            },
+        ) {
             let _ = cgroup::remove_tree(&path);
             return Err(e.into());
         }
@@ -239,7 +287,12 @@ impl Controller {
             cgroup: path,
             cgroup_id,
             audit: flags & SESSION_AUDIT != 0,
+            degraded,
         };
+        if let Some(why) = &grant.degraded {
+            let record = log::Record::session_degraded(&grant.name, profile, why);
+            state.log.write(&record)?;
+        }
         state.sessions.insert(
             cgroup_id,
             LiveSession {
@@ -318,19 +371,30 @@ impl Controller {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut state = self.state();
         let clock = Clock::now();
+        let mounts = Mounts::read();
         while let Some(item) = ring.next() {
-            if item.len() < size_of::<NetEvent>() {
-                tracing::error!(
-                    "short event from the kernel ({} bytes); skipped",
-                    item.len()
-                );
-                continue;
-            }
-            // SAFETY: the kernel wrote a whole NetEvent (length checked);
-            // ring buffer bytes are not aligned for it, so read unaligned.
-            let event: NetEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let record = match event_kind(&item) {
+                Some(EVENT_NET) if item.len() >= size_of::<NetEvent>() => {
+                    // SAFETY: the kernel wrote a whole NetEvent (length
+                    // checked); ring buffer bytes are not aligned for it.
+                    let event: NetEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    state.net_record(&event, &clock)
+                }
+                Some(EVENT_FILE) if item.len() >= size_of::<FileEvent>() => {
+                    // SAFETY: as above, for a FileEvent.
+                    let event: FileEvent =
+                        unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    state.file_record(&event, &clock, &mounts)
+                }
+                kind => {
+                    tracing::error!(
+                        "unknown event from the kernel (kind {kind:?}, {} bytes); skipped",
+                        item.len()
+                    );
+                    continue;
+                }
+            };
             drop(item);
-            let record = state.record(&event, &clock);
             if let Err(e) = state.log.write(&record) {
                 tracing::error!("{e:#}");
             }
@@ -520,7 +584,7 @@ impl Controller {
                 .iter()
                 .map(|c| (c.name().to_owned(), state.kernel.counter(*c)))
                 .collect(),
-            features: crate::features::detect(),
+            features: crate::features::detect(state.kernel.file_enforcement.clone()),
         }
     }
 }
@@ -552,7 +616,133 @@ impl State {
         Ok(())
     }
 
-    fn record(&self, event: &NetEvent, clock: &Clock) -> log::Record {
+    /// The file policy for a session of `profile` whose agent runs as
+    /// `uid`, compiled and installed on first use; 0 when the profile has no
+    /// file rules. With file rules the kernel cannot enforce: an error, or
+    /// with `allow_degraded` no policy and the reason.
+    fn file_policy_for(
+        &mut self,
+        profile: &str,
+        uid: u32,
+        allow_degraded: bool,
+    ) -> Result<(u32, Option<String>)> {
+        let Some(p) = self.profiles.get(profile) else {
+            bail!("{}", unknown_profile(&self.profiles, profile));
+        };
+        if p.file_rules.is_empty() {
+            return Ok((0, None));
+        }
+        if let Err(why) = &self.kernel.file_enforcement {
+            if allow_degraded {
+                tracing::warn!(
+                    "DEGRADED: the file rules of profile `{profile}` are NOT enforced in this session: {why}"
+                );
+                return Ok((0, Some(why.clone())));
+            }
+            bail!(
+                "profile `{profile}` has file rules, but they cannot be enforced on this kernel: {why}. \
+                 Refusing to start the agent unprotected; `--allow-degraded` runs it with the network \
+                 rules only"
+            );
+        }
+        let home = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.dir)
+            .with_context(|| {
+                format!("uid {uid} has no home directory to expand `~` in file rules")
+            })?;
+        let key = (profile.to_owned(), home.clone());
+        if let Some(id) = self.file_policies.get(&key) {
+            return Ok((*id, None));
+        }
+        let id = u32::try_from(self.file_policies.len() + 1)?;
+        let first = self.installed.get(profile).map_or(0, |i| i.first_rule_id)
+            + u32::try_from(p.rules.len())?;
+        let targets: Vec<files::FileRuleRef<'_>> = p
+            .file_rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| files::FileRuleRef {
+                action: r.action,
+                target: &r.target,
+                rule_id: first + u32::try_from(i).unwrap_or(0),
+            })
+            .collect();
+        let compiled = files::compile(&targets, &home, &stat_identity);
+        for (rule_id, why) in &compiled.missing {
+            let rule = &self.rules[*rule_id as usize].rule;
+            tracing::warn!(
+                "profile {profile}: {}:{} `{}`: {why}; it applies once it exists and a new session starts",
+                rule.file,
+                rule.line,
+                rule.text
+            );
+        }
+        for ((dev, ino), rule) in &compiled.inodes {
+            self.kernel.set_inode(
+                InodeKey {
+                    policy: id,
+                    dev: *dev,
+                    ino: *ino,
+                },
+                *rule,
+            )?;
+        }
+        for n in &compiled.names {
+            let scope = enforcer_common::scope(id, n.index, n.allow);
+            self.kernel
+                .set_name(n.trie, scope, &n.bytes, NameRule { rule_id: n.rule_id })?;
+        }
+        self.file_policies.insert(key, id);
+        Ok((id, None))
+    }
+
+    fn file_record(&self, event: &FileEvent, clock: &Clock, mounts: &Mounts) -> log::Record {
+        let session = self.sessions.get(&event.session_cgroup);
+        let rule_info = (event.rule_id != NO_RULE)
+            .then(|| self.rules.get(event.rule_id as usize))
+            .flatten();
+        log::Record {
+            ts: clock.wall_time(event.boot_ns),
+            profile: rule_info
+                .map(|r| r.profile.clone())
+                .or_else(|| session.map(|s| s.grant.profile.clone())),
+            session: session.map(|s| s.grant.name.clone()),
+            pid: event.tgid,
+            uid: event.uid,
+            comm: c_string(&event.comm),
+            op: "open".into(),
+            verdict: if event.verdict == VERDICT_AUDIT {
+                "audit"
+            } else {
+                "deny"
+            }
+            .into(),
+            target: mounts.path(event),
+            proto: "file".into(),
+            mode: Some(
+                match event.mode & 3 {
+                    1 => "read",
+                    2 => "write",
+                    3 => "read-write",
+                    _ => "none",
+                }
+                .into(),
+            ),
+            host: None,
+            rule: rule_info.map_or_else(
+                || log::RuleRef {
+                    file: String::new(),
+                    line: 0,
+                    text: "unverifiable: path too deep or kernel read failed (fail closed)".into(),
+                },
+                |r| r.rule.clone(),
+            ),
+        }
+    }
+
+    fn net_record(&self, event: &NetEvent, clock: &Clock) -> log::Record {
         let session = self.sessions.get(&event.session_cgroup);
         let rule_info = (event.rule_id != NO_RULE)
             .then(|| self.rules.get(event.rule_id as usize))
@@ -605,7 +795,79 @@ impl State {
                 other => other.to_string(),
             },
             host: rule_info.and_then(|r| r.host.clone()),
+            mode: None,
             rule,
+        }
+    }
+}
+
+fn event_kind(bytes: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?))
+}
+
+/// Identity of a path as the kernel sees it (following symlinks).
+fn stat_identity(path: &Path) -> Option<(u32, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (files::kernel_dev(m.dev()), m.ino()))
+}
+
+/// Mount points by device, to turn the filesystem-relative path a file
+/// event carries into the path the opener saw.
+struct Mounts(BTreeMap<u32, (String, String)>);
+
+impl Mounts {
+    fn read() -> Mounts {
+        let mut by_dev = BTreeMap::new();
+        for line in std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+        {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(dev), Some(root), Some(point)) =
+                (fields.get(2), fields.get(3), fields.get(4))
+            else {
+                continue;
+            };
+            let Some((major, minor)) = dev.split_once(':') else {
+                continue;
+            };
+            let (Ok(major), Ok(minor)) = (major.parse::<u32>(), minor.parse::<u32>()) else {
+                continue;
+            };
+            by_dev
+                .entry((major << 20) | minor)
+                .or_insert_with(|| ((*root).to_owned(), (*point).to_owned()));
+        }
+        Mounts(by_dev)
+    }
+
+    fn path(&self, event: &FileEvent) -> String {
+        let parts = usize::from(event.parts).min(event.path.len());
+        let mut names: Vec<String> = event.path[..parts].iter().map(|p| c_string(p)).collect();
+        if event.complete == 1 {
+            names.pop(); // the filesystem root, "/"
+        }
+        names.reverse();
+        let relative = format!("/{}", names.join("/"));
+        let Some((root, point)) = self.0.get(&event.dev) else {
+            return if event.complete == 1 {
+                relative
+            } else {
+                format!("…{relative}")
+            };
+        };
+        let inside = relative.strip_prefix(root.as_str()).unwrap_or(&relative);
+        let joined = format!(
+            "{}/{}",
+            point.trim_end_matches('/'),
+            inside.trim_start_matches('/')
+        );
+        if event.complete == 1 {
+            joined
+        } else {
+            format!("…/{}", inside.trim_start_matches('/'))
         }
     }
 }

@@ -12,9 +12,14 @@ pub struct Features {
     pub btf: bool,
     /// The active LSM list, if securityfs is mounted.
     pub lsm: Option<String>,
+    /// `enforced` when file rules can be enforced (BPF LSM loads and
+    /// attaches), else why not and what to do.
+    pub file_rules: String,
 }
 
-pub fn detect() -> Features {
+/// What this kernel offers; `file_enforcement` is the result of actually
+/// loading and attaching the BPF LSM program.
+pub fn detect(file_enforcement: Result<(), String>) -> Features {
     Features {
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
             .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
@@ -22,8 +27,10 @@ pub fn detect() -> Features {
             .ok()
             .map(|h| h.mount.display().to_string()),
         btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
-        lsm: fs::read_to_string("/sys/kernel/security/lsm")
-            .ok()
-            .map(|s| s.trim().to_owned()),
+        lsm: crate::kernel::active_lsms(),
+        file_rules: match file_enforcement {
+            Ok(()) => "enforced".into(),
+            Err(why) => format!("NOT enforceable: {why}"),
+        },
     }
 }

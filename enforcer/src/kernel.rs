@@ -5,17 +5,27 @@
 use std::{fs::File, net::IpAddr, path::Path};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSockAddr, Lsm},
 };
 use enforcer_common::{
-    Counter, PROFILE_PREFIX_BITS, RuleList, Session, V4Key, V6Key, globals, maps,
+    Counter, InodeKey, InodeRule, KernelOffsets, NAME_BYTES, NameKey, NameRule,
+    PROFILE_PREFIX_BITS, RuleList, Session, V4Key, V6Key, globals, maps,
 };
+
+use crate::policy::files::Trie;
 use ipnet::IpNet;
 
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
+
+/// The LSM program that judges file opens, named after its hook.
+pub const FILE_PROGRAM: &str = "file_open";
+
+/// Entries of `FILE_INODES` (files and directories named by file rules,
+/// over all live file policies).
+const MAX_FILE_INODES: u32 = 1 << 16;
 
 /// The `cgroup_sock_addr` programs, named after the hooks they attach to.
 pub const NET_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
@@ -67,6 +77,8 @@ pub struct Scope<'a> {
     pub instance_cgroup_level: i32,
     /// How many rule ids the loaded profiles use (sizes the hit counters).
     pub rule_count: u32,
+    /// Kernel struct offsets for the file program, or why they are unknown.
+    pub offsets: std::result::Result<KernelOffsets, String>,
 }
 
 /// The loaded and attached programs and handles to their maps. Dropping it
@@ -78,6 +90,11 @@ pub struct Kernel {
     rules_v6: LpmTrie<MapData, V6Key, RuleList>,
     counters: PerCpuArray<MapData, u64>,
     rule_hits: PerCpuArray<MapData, u64>,
+    inodes: HashMap<MapData, InodeKey, InodeRule>,
+    name_prefix: LpmTrie<MapData, NameKey, NameRule>,
+    name_suffix: LpmTrie<MapData, NameKey, NameRule>,
+    /// Whether file rules are enforced, or why not.
+    pub file_enforcement: std::result::Result<(), String>,
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -93,6 +110,7 @@ where
 
 impl Kernel {
     pub fn load(scope: &Scope<'_>) -> Result<Kernel> {
+        let offsets = scope.offsets.clone().unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::INSTANCE_CGROUP_ID, &scope.instance_cgroup_id, true)
             .override_global(
@@ -100,7 +118,9 @@ impl Kernel {
                 &scope.instance_cgroup_level,
                 true,
             )
+            .override_global(globals::KERNEL_OFFSETS, &offsets, true)
             .map_max_entries(maps::RULE_HITS, scope.rule_count.max(1))
+            .map_max_entries(maps::FILE_INODES, MAX_FILE_INODES)
             .load(OBJECT)
             .map_err(KernelError::Load)?;
         let cgroup = File::open(scope.attach_cgroup).map_err(|source| KernelError::Cgroup {
@@ -134,7 +154,15 @@ impl Kernel {
                     source,
                 })?;
         }
+        let file_enforcement = match &scope.offsets {
+            Ok(_) => attach_file_program(&mut ebpf),
+            Err(why) => Err(why.clone()),
+        };
         Ok(Kernel {
+            file_enforcement,
+            inodes: take_map(&mut ebpf, maps::FILE_INODES)?,
+            name_prefix: take_map(&mut ebpf, maps::NAME_PREFIX)?,
+            name_suffix: take_map(&mut ebpf, maps::NAME_SUFFIX)?,
             sessions: take_map(&mut ebpf, maps::SESSIONS)?,
             rules_v4: take_map(&mut ebpf, maps::NET_RULES_V4)?,
             rules_v6: take_map(&mut ebpf, maps::NET_RULES_V6)?,
@@ -228,6 +256,29 @@ impl Kernel {
         }
     }
 
+    pub fn set_inode(&mut self, key: InodeKey, rule: InodeRule) -> Result<()> {
+        self.inodes
+            .insert(key, rule, 0)
+            .map_err(|source| KernelError::MapUpdate {
+                name: maps::FILE_INODES,
+                source,
+            })
+    }
+
+    pub fn set_name(&mut self, trie: Trie, scope: u32, bytes: &[u8], rule: NameRule) -> Result<()> {
+        let mut name = [0u8; NAME_BYTES];
+        let len = bytes.len().min(NAME_BYTES);
+        name[..len].copy_from_slice(&bytes[..len]);
+        let bits = u32::try_from(len * 8).unwrap_or(0);
+        let key = Key::new(32 + bits, NameKey { scope, name });
+        let (map, name) = match trie {
+            Trie::Prefix => (&mut self.name_prefix, maps::NAME_PREFIX),
+            Trie::Suffix => (&mut self.name_suffix, maps::NAME_SUFFIX),
+        };
+        map.insert(&key, rule, 0)
+            .map_err(|source| KernelError::MapUpdate { name, source })
+    }
+
     /// A kernel counter summed over CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
         sum_cpus(&self.counters, counter as u32)
@@ -241,4 +292,78 @@ impl Kernel {
 
 fn sum_cpus(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
     map.get(&index, 0).map_or(0, |values| values.iter().sum())
+}
+
+/// Whether BPF LSM is active: the LSM list from securityfs (mounted if it
+/// is not), then the real test, loading and attaching the `file_open`
+/// program. Returns why not, with what to do.
+fn attach_file_program(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
+    let active = active_lsms();
+    if let Some(list) = &active
+        && !list.split(',').any(|l| l == "bpf")
+    {
+        return Err(format!(
+            "BPF LSM is not active on this kernel (active LSMs: {list}): add `bpf` to the `lsm=` \
+             boot parameter, e.g. `lsm={list},bpf`, and reboot"
+        ));
+    }
+    let btf = Btf::from_sys_fs().map_err(|e| {
+        format!("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: {e}; the kernel needs CONFIG_DEBUG_INFO_BTF=y")
+    })?;
+    let program: &mut Lsm = ebpf
+        .program_mut(FILE_PROGRAM)
+        .ok_or_else(|| format!("the kernel object has no `{FILE_PROGRAM}` program"))?
+        .try_into()
+        .map_err(|e| format!("`{FILE_PROGRAM}` is not an LSM program: {e}"))?;
+    let refused = |what: &str, e: &dyn std::fmt::Display| {
+        format!(
+            "the kernel refused to {what} the BPF LSM program `{FILE_PROGRAM}` ({e}){}: file rules \
+             need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
+            match &active {
+                Some(list) => format!("; the LSM list is `{list}`"),
+                None => String::new(),
+            }
+        )
+    };
+    program
+        .load(FILE_PROGRAM, &btf)
+        .map_err(|e| refused("load", &error_chain(&e)))?;
+    program
+        .attach()
+        .map_err(|e| refused("attach", &error_chain(&e)))?;
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The active LSM list, mounting securityfs first if needed.
+pub fn active_lsms() -> Option<String> {
+    const LSM: &str = "/sys/kernel/security/lsm";
+    if !Path::new(LSM).exists() {
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "securityfs", "securityfs", "/sys/kernel/security"])
+            .status();
+    }
+    std::fs::read_to_string(LSM)
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Load the object and attach the file program with no instance (so it
+/// judges nothing), then detach: whether file rules can be enforced here.
+pub fn probe_file_enforcement() -> std::result::Result<(), String> {
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(maps::FILE_INODES, 1)
+        .load(OBJECT)
+        .map_err(|e| format!("loading the kernel object failed: {}", error_chain(&e)))?;
+    attach_file_program(&mut ebpf)
 }

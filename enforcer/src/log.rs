@@ -43,20 +43,50 @@ pub struct Record {
     pub proto: String,
     /// The rule's host name, when the rule named a host.
     pub host: Option<String>,
+    /// For file opens: `read`, `write` or `read-write`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     pub rule: RuleRef,
 }
 
 impl Record {
+    /// The record of a session started without its file rules.
+    pub fn session_degraded(session: &str, profile: &str, why: &str) -> Record {
+        Record {
+            ts: format!("{:.6}", jiff::Timestamp::now()),
+            profile: Some(profile.to_owned()),
+            session: Some(session.to_owned()),
+            pid: std::process::id(),
+            uid: 0,
+            comm: "enforcer".into(),
+            op: "session".into(),
+            verdict: "degraded".into(),
+            target: String::new(),
+            proto: String::new(),
+            host: None,
+            mode: None,
+            rule: RuleRef {
+                file: String::new(),
+                line: 0,
+                text: format!("file rules NOT enforced: {why}"),
+            },
+        }
+    }
+
     /// One line for people.
     pub fn human(&self) -> String {
         format!(
-            "{ts} {verdict:<5} {op} {target}/{proto}{host} profile={profile} session={session} \
+            "{ts} {verdict:<5} {op} {target}{proto}{host} profile={profile} session={session} \
              pid={pid} uid={uid} comm={comm} rule={file}:{line} {text:?}",
             ts = self.ts,
             verdict = self.verdict.to_uppercase(),
             op = self.op,
             target = self.target,
-            proto = self.proto,
+            proto = match (&self.mode, self.proto.as_str()) {
+                (Some(mode), _) => format!(" ({mode})"),
+                (None, "") => String::new(),
+                (None, proto) => format!("/{proto}"),
+            },
             host = self
                 .host
                 .as_ref()

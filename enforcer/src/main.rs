@@ -2,6 +2,7 @@
 //! by eBPF programs on cgroup socket hooks, whatever the agent decides.
 
 mod agent;
+mod btf;
 mod cgroup;
 mod control;
 mod controller;
@@ -86,6 +87,10 @@ struct RunArgs {
     /// Under sudo, keep running the command as root instead of the invoking user.
     #[arg(long)]
     as_root: bool,
+    /// If the profile's file rules cannot be enforced on this kernel, start
+    /// anyway with the network rules only (logged as a degraded session).
+    #[arg(long)]
+    allow_degraded: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     command: Vec<OsString>,
@@ -191,12 +196,18 @@ async fn run(socket: &Path, args: RunArgs) -> Result<i32> {
     } else {
         agent::DropTo::from_sudo()?
     };
+    let agent_uid = drop_to.as_ref().map_or_else(
+        || nix::unistd::Uid::effective().as_raw(),
+        agent::DropTo::uid,
+    );
     if let Some(mut client) = Client::connect(socket).await? {
         refuse_conflicting_daemon_options(&mut client, &args.controller).await?;
         let grant = match client
             .request(&Request::OpenSession {
                 profile: args.profile.clone(),
                 audit: args.audit,
+                uid: agent_uid,
+                allow_degraded: args.allow_degraded,
             })
             .await?
         {
@@ -224,7 +235,8 @@ async fn run(socket: &Path, args: RunArgs) -> Result<i32> {
             .config("run", Some(vec![args.profile.clone()])),
     )
     .await?;
-    let grant = controller.open_session(&args.profile, args.audit)?;
+    let grant =
+        controller.open_session(&args.profile, args.audit, agent_uid, args.allow_degraded)?;
     let status = agent::run(&args.command, &grant.cgroup, drop_to.as_ref()).await;
     // This controller stops enforcing when we exit, so anything the agent
     // left running is killed rather than left unprotected.
@@ -290,7 +302,7 @@ async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
 
 async fn status(socket: &Path, json: bool) -> Result<i32> {
     let Some(mut client) = Client::connect(socket).await? else {
-        let features = features::detect();
+        let features = features::detect(kernel::probe_file_enforcement());
         if json {
             println!(
                 "{}",

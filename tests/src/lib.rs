@@ -131,11 +131,14 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("temp paths are UTF-8")
 }
 
-/// The probe binary, which cargo builds next to the test binaries' `deps/`
+/// The probe binary: `$PROBE_BIN` (inside the VM), or the one cargo builds next to the test binaries' `deps/`
 /// directory.
 pub fn probe_bin() -> &'static str {
     static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PATH.get_or_init(|| {
+        if let Ok(path) = std::env::var("PROBE_BIN") {
+            return path;
+        }
         let exe = std::env::current_exe().expect("test binary path");
         let probe = exe
             .parent()

@@ -2,6 +2,7 @@
 //! kernel map entries (`compile`). Nothing here touches the kernel.
 
 pub mod compile;
+pub mod files;
 pub mod profile;
 pub mod target;
 

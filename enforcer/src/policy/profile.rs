@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::target::Target;
+use super::{files::FileTarget, target::Target};
 
 /// The built-in default profile, used when no rules directory exists and
 /// available as `default` unless a rules file defines that name.
@@ -60,6 +60,14 @@ pub struct NetRule {
 }
 
 #[derive(Clone, Debug)]
+pub struct FileRule {
+    pub action: Action,
+    pub target: FileTarget,
+    pub text: String,
+    pub origin: Origin,
+}
+
+#[derive(Clone, Debug)]
 pub struct Profile {
     pub name: String,
     pub mode: Mode,
@@ -68,6 +76,7 @@ pub struct Profile {
     /// Where `default` was set (or the `[network]` table, or the file).
     pub default_origin: Origin,
     pub rules: Vec<NetRule>,
+    pub file_rules: Vec<FileRule>,
 }
 
 /// A rule file problem, naming file, line and key.
@@ -117,6 +126,17 @@ struct ProfileFile {
     mode: Option<Spanned<Mode>>,
     #[serde(default)]
     network: Option<Spanned<NetworkSection>>,
+    #[serde(default)]
+    files: Option<FilesSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilesSection {
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -204,6 +224,32 @@ impl Profile {
                 }
             }
         }
+        let mut file_rules = Vec::new();
+        if let Some(files) = parsed.files {
+            for (action, list, key) in [
+                (Action::Deny, files.deny, "files.deny"),
+                (Action::Allow, files.allow, "files.allow"),
+            ] {
+                for (i, entry) in list.into_iter().enumerate() {
+                    let line = line_of(text, &entry.span());
+                    let key = format!("{key}[{i}]");
+                    let entry = entry.into_inner();
+                    match FileTarget::parse(&entry) {
+                        Ok(target) => file_rules.push(FileRule {
+                            action,
+                            target,
+                            text: entry,
+                            origin: Origin {
+                                file: file.to_owned(),
+                                line,
+                                key,
+                            },
+                        }),
+                        Err(why) => errors.push(err(line, &key, why)),
+                    }
+                }
+            }
+        }
         if errors.is_empty() {
             Ok(Profile {
                 name,
@@ -211,6 +257,7 @@ impl Profile {
                 default,
                 default_origin,
                 rules,
+                file_rules,
             })
         } else {
             Err(RuleErrors(errors))
@@ -412,12 +459,25 @@ allow = ["api.anthropic.com:443"]
     }
 
     #[test]
-    fn sections_not_supported_yet_are_refused_not_ignored() {
-        // A [files] section that nothing enforces must not load silently.
-        let errs = Profile::parse("x.toml", "name = \"x\"\n[files]\ndeny = [\"~/.aws\"]\n")
+    fn unknown_sections_are_refused_not_ignored() {
+        let errs = Profile::parse("x.toml", "name = \"x\"\n[processes]\ndeny = []\n")
             .unwrap_err()
             .0;
-        assert_eq!(errs[0].key, "files");
+        assert_eq!(errs[0].key, "processes");
+    }
+
+    #[test]
+    fn file_rules_parse_with_lines_and_bad_ones_name_their_key() {
+        let text = "name = \"x\"\n[files]\ndeny = [\"~/.aws/\", \"**/.env\"]\nallow = [\"**/.env.example\"]\n";
+        let p = Profile::parse("x.toml", text).unwrap();
+        assert_eq!(p.file_rules.len(), 3);
+        assert_eq!(
+            (p.file_rules[2].action, p.file_rules[2].origin.line),
+            (Action::Allow, 4)
+        );
+        let bad = "name = \"x\"\n[files]\ndeny = [\"relative/x\"]\n";
+        let errs = Profile::parse("x.toml", bad).unwrap_err().0;
+        assert_eq!((errs[0].line, errs[0].key.as_str()), (3, "files.deny[0]"));
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //!   tcp-fastopen   TCP Fast Open: sendto(MSG_FASTOPEN) without connect
 //!   nested-tcp     create a child cgroup under our own, move into it, TCP connect
 //!   id             print uid, NoNewPrivs and cgroup, ignoring the address
+//!
+//! Usage: probe <how> <path>
+//!   open           open for reading
+//!   open-write     open for writing
+//!   opath-reopen   open with O_PATH (allowed), then reopen /proc/self/fd/N
+//!   read-dir       list a directory
 //! ```
 
 use std::{
@@ -25,6 +31,13 @@ fn main() {
     let how = args.get(1).map_or("", String::as_str);
     if how == "id" {
         print_identity();
+        return;
+    }
+    if let Some(path) = args
+        .get(2)
+        .filter(|_| how.starts_with("open") || how.starts_with("opath") || how == "read-dir")
+    {
+        report(open_file(how, path));
         return;
     }
     let Some(dest) = args.get(2).and_then(|a| a.parse::<SocketAddr>().ok()) else {
@@ -45,10 +58,43 @@ fn main() {
             std::process::exit(64);
         }
     };
+    report(result);
+}
+
+fn report(result: io::Result<()>) {
     match result {
         Ok(()) => println!("ok"),
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => println!("eperm"),
         Err(e) => println!("error {} ({e})", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn open_file(how: &str, path: &str) -> io::Result<()> {
+    use std::io::Read;
+    match how {
+        "open" => std::fs::File::open(path)?.read(&mut [0u8; 16]).map(drop),
+        "open-write" => std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop),
+        "opath-reopen" => {
+            let c_path = std::ffi::CString::new(path).map_err(io::Error::other)?;
+            // SAFETY: valid C string; the fd is owned right away.
+            let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_PATH) };
+            if fd < 0 {
+                return Err(io::Error::other(format!(
+                    "O_PATH open failed: {}",
+                    io::Error::last_os_error()
+                )));
+            }
+            // SAFETY: fresh descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?
+                .read(&mut [0u8; 16])
+                .map(drop)
+        }
+        "read-dir" => std::fs::read_dir(path).map(drop),
+        other => Err(io::Error::other(format!("unknown probe `{other}`"))),
     }
 }
 

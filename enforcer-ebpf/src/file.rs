@@ -1,0 +1,319 @@
+//! Judging a file open against the session's file policy (see
+//! `enforcer_common::file` for the matching model).
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
+        generated::bpf_ktime_get_boot_ns,
+    },
+    maps::lpm_trie::Key,
+    programs::LsmContext,
+};
+use enforcer_common::{
+    Counter, EVENT_FILE, EVENT_PART_BYTES, EVENT_PATH_PARTS, FileEvent, INODE_ALLOW, INODE_DENY,
+    InodeKey, KernelOffsets, MAX_DEPTH, NAME_BYTES, NO_RULE, NameKey, SUBTREE_ALLOW, SUBTREE_DENY,
+    Session, VERDICT_AUDIT, VERDICT_DENY, scope,
+};
+
+use crate::{
+    maps::{EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit},
+    session::{self, Lookup},
+};
+
+/// Set by the controller from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    file_f_inode: 0,
+    file_f_path_dentry: 0,
+    file_f_mode: 0,
+    inode_i_ino: 0,
+    inode_i_sb: 0,
+    super_block_s_dev: 0,
+    dentry_d_parent: 0,
+    dentry_d_name_name: 0,
+    dentry_d_name_len: 0,
+    dentry_d_inode: 0,
+};
+
+const ALLOW: i32 = 0;
+const EPERM: i32 = -1;
+
+/// Prefix-trie bits of a scope: the 32 scope bits.
+const SCOPE_BITS: u32 = 32;
+
+/// Read a `T` at `base + offset` in kernel memory.
+#[inline(always)]
+fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
+}
+
+pub fn judge_open(ctx: &LsmContext) -> i32 {
+    // An earlier LSM program already decided.
+    let previous: i32 = ctx.arg(1);
+    if previous != 0 {
+        return previous;
+    }
+    let (session_cgroup, session) = match session::current() {
+        Lookup::Outside => return ALLOW,
+        Lookup::Inside(cgroup, session) => (cgroup, session),
+        Lookup::Unknown(_) => {
+            count(Counter::Denied);
+            return EPERM;
+        }
+    };
+    if session.file_policy == 0 {
+        return ALLOW;
+    }
+    let file: *const u8 = ctx.arg(0);
+    // SAFETY: globals are plain integers written before load.
+    let offsets = unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) };
+    match decide(file, session.file_policy, &offsets) {
+        Ok(None) => ALLOW,
+        Ok(Some(rule_id)) => {
+            if rule_id != NO_RULE {
+                count_rule_hit(rule_id);
+            }
+            let audit = session.audit();
+            report(file, &offsets, &session, session_cgroup, rule_id, audit);
+            if audit {
+                count(Counter::Audited);
+                ALLOW
+            } else {
+                count(Counter::Denied);
+                EPERM
+            }
+        }
+        Err(()) => {
+            count(Counter::FileReadFailed);
+            report(file, &offsets, &session, session_cgroup, NO_RULE, false);
+            EPERM
+        }
+    }
+}
+
+/// The deny rule that applies, or `None` to allow. The most specific tier
+/// with any match decides: the file itself, then its parent directories
+/// nearest first, then patterns that apply anywhere; within a tier an allow
+/// carves an exception out of a deny. So renaming a protected file to a name
+/// that is allowed somewhere else does not unprotect it. A path too deep to
+/// walk to its root is denied with `NO_RULE` (fail closed).
+fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>, ()> {
+    let inode: *const u8 = read(file, o.file_f_inode)?;
+    let sb: *const u8 = read(inode, o.inode_i_sb)?;
+    let dev: u32 = read(sb, o.super_block_s_dev)?;
+    let dentry: *const u8 = read(file, o.file_f_path_dentry)?;
+
+    let mut key = InodeKey {
+        policy,
+        dev,
+        ino: read(inode, o.inode_i_ino)?,
+    };
+    // SAFETY: the value is copied before the map can change under it.
+    if let Some(rule) = unsafe { FILE_INODES.get(&key) } {
+        let mut tier = Verdict::default();
+        tier.note(
+            rule.flags & INODE_ALLOW != 0,
+            rule.flags & INODE_DENY != 0,
+            rule.rule_id,
+        );
+        if tier.matched() {
+            return Ok(tier.result());
+        }
+    }
+
+    let names = Names::read(dentry, o)?;
+    let mut current = dentry;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        let parent: *const u8 = read(current, o.dentry_d_parent)?;
+        if parent == current {
+            let mut anywhere = Verdict::default();
+            names.check(&mut anywhere, policy, 0);
+            return Ok(anywhere.result());
+        }
+        let parent_inode: *const u8 = read(parent, o.dentry_d_inode)?;
+        key.ino = read(parent_inode, o.inode_i_ino)?;
+        // SAFETY: as above.
+        if let Some(rule) = unsafe { FILE_INODES.get(&key) } {
+            let rule = *rule;
+            let mut tier = Verdict::default();
+            tier.note(
+                rule.flags & SUBTREE_ALLOW != 0,
+                rule.flags & SUBTREE_DENY != 0,
+                rule.subtree_rule_id,
+            );
+            if depth == 0 && rule.child_scope != 0 {
+                names.check(&mut tier, policy, rule.child_scope);
+            }
+            if rule.subtree_scope != 0 {
+                names.check(&mut tier, policy, rule.subtree_scope);
+            }
+            if tier.matched() {
+                return Ok(tier.result());
+            }
+        }
+        current = parent;
+        depth += 1;
+    }
+    Ok(Some(NO_RULE))
+}
+
+#[derive(Default)]
+struct Verdict {
+    allow: bool,
+    deny: Option<u32>,
+}
+
+impl Verdict {
+    #[inline(always)]
+    fn note(&mut self, allow: bool, deny: bool, rule_id: u32) {
+        if allow {
+            self.allow = true;
+        }
+        if deny && self.deny.is_none() {
+            self.deny = Some(rule_id);
+        }
+    }
+
+    #[inline(always)]
+    fn matched(&self) -> bool {
+        self.allow || self.deny.is_some()
+    }
+
+    #[inline(always)]
+    fn result(&self) -> Option<u32> {
+        if self.allow { None } else { self.deny }
+    }
+}
+
+/// The opened file's name as the two tries want it: forwards, NUL-terminated
+/// (exact names and prefixes), and reversed from its last byte (suffixes).
+/// Lives in a per-CPU map: the keys are too big for the BPF stack.
+pub struct NameScratch {
+    forward: Key<NameKey>,
+    reversed: Key<NameKey>,
+    tail: [u8; NAME_BYTES],
+}
+
+/// Trie lookups compare the scope and every name byte.
+const FULL_KEY_BITS: u32 = SCOPE_BITS + (NAME_BYTES as u32) * 8;
+
+struct Names(*mut NameScratch);
+
+impl Names {
+    fn read(dentry: *const u8, o: &KernelOffsets) -> Result<Names, ()> {
+        let scratch = NAME_SCRATCH.get_ptr_mut(0).ok_or(())?;
+        let name: *const u8 = read(dentry, o.dentry_d_name_name)?;
+        let len: u32 = read(dentry, o.dentry_d_name_len)?;
+        // SAFETY: `scratch` is this CPU's map value; no other program runs
+        // on this CPU until we return.
+        let s = unsafe { &mut *scratch };
+        s.forward.prefix_len = FULL_KEY_BITS;
+        s.reversed.prefix_len = FULL_KEY_BITS;
+        s.forward.data.name = [0; NAME_BYTES];
+        s.reversed.data.name = [0; NAME_BYTES];
+        // SAFETY: reads at most NAME_BYTES - 1 bytes and a NUL.
+        unsafe { bpf_probe_read_kernel_str_bytes(name, &mut s.forward.data.name) }
+            .map_err(|_| ())?;
+        let n = if len as usize >= NAME_BYTES {
+            // SAFETY: the last NAME_BYTES bytes of a name of `len` bytes.
+            unsafe {
+                bpf_probe_read_kernel_buf(name.wrapping_add(len as usize - NAME_BYTES), &mut s.tail)
+            }
+            .map_err(|_| ())?;
+            NAME_BYTES
+        } else {
+            s.tail = s.forward.data.name;
+            len as usize
+        };
+        let mut i = 0;
+        while i < NAME_BYTES {
+            if i >= n {
+                break;
+            }
+            s.reversed.data.name[i] = s.tail[(n - 1 - i) & (NAME_BYTES - 1)];
+            i += 1;
+        }
+        Ok(Names(scratch))
+    }
+
+    /// Look the name up in both tries, in the deny and the allow scope.
+    #[inline(always)]
+    fn check(&self, verdict: &mut Verdict, policy: u32, index: u32) {
+        // SAFETY: as in `read`.
+        let s = unsafe { &mut *self.0 };
+        for allow in [false, true] {
+            let id = scope(policy, index, allow);
+            s.forward.data.scope = id;
+            s.reversed.data.scope = id;
+            let hit = NAME_PREFIX
+                .get(&s.forward)
+                .or_else(|| NAME_SUFFIX.get(&s.reversed));
+            if let Some(rule) = hit {
+                verdict.note(allow, !allow, rule.rule_id);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn report(
+    file: *const u8,
+    o: &KernelOffsets,
+    session: &Session,
+    session_cgroup: u64,
+    rule_id: u32,
+    audit: bool,
+) {
+    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
+        count(Counter::EventsLost);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at reserved ring buffer memory of the right
+    // size; every field is written before submit.
+    unsafe {
+        (*event).kind = EVENT_FILE;
+        (*event).mode = read::<u32>(file, o.file_f_mode).unwrap_or(0) & 3;
+        (*event).boot_ns = bpf_ktime_get_boot_ns();
+        (*event).session_cgroup = session_cgroup;
+        let inode: *const u8 = read(file, o.file_f_inode).unwrap_or(core::ptr::null());
+        (*event).ino = read(inode, o.inode_i_ino).unwrap_or(0);
+        let sb: *const u8 = read(inode, o.inode_i_sb).unwrap_or(core::ptr::null());
+        (*event).dev = read(sb, o.super_block_s_dev).unwrap_or(0);
+        (*event).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        (*event).uid = bpf_get_current_uid_gid() as u32;
+        (*event).profile_id = session.profile_id;
+        (*event).rule_id = rule_id;
+        (*event).verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };
+        (*event)._pad = 0;
+        (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        let mut dentry: *const u8 = read(file, o.file_f_path_dentry).unwrap_or(core::ptr::null());
+        let mut parts = 0u8;
+        let mut complete = 0u8;
+        let mut i = 0;
+        while i < EVENT_PATH_PARTS {
+            let part = &mut (*event).path[i];
+            *part = [0; EVENT_PART_BYTES];
+            if complete == 0 && !dentry.is_null() {
+                let name: *const u8 =
+                    read(dentry, o.dentry_d_name_name).unwrap_or(core::ptr::null());
+                if bpf_probe_read_kernel_str_bytes(name, part).is_ok() {
+                    parts += 1;
+                }
+                let parent: *const u8 =
+                    read(dentry, o.dentry_d_parent).unwrap_or(core::ptr::null());
+                if parent == dentry {
+                    complete = 1;
+                }
+                dentry = parent;
+            }
+            i += 1;
+        }
+        (*event).parts = parts;
+        (*event).complete = complete;
+    }
+    entry.submit(0);
+}
