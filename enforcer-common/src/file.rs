@@ -58,6 +58,7 @@ pub struct InodeRule {
 
 /// Name-trie scope id: `policy << 16 | index << 1 | allow`. Index 0 is the
 /// policy's "anywhere" scope; directories with patterns get 1, 2, ...
+#[expect(clippy::inline_always, reason = "called in the kernel's hot path")]
 #[inline(always)]
 pub const fn scope(policy: u32, index: u32, allow: bool) -> u32 {
     (policy << 16) | (index << 1) | (allow as u32)

@@ -111,7 +111,7 @@ fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>
         ino: read(inode, o.inode_i_ino)?,
     };
     // SAFETY: the value is copied before the map can change under it.
-    if let Some(rule) = unsafe { FILE_INODES.get(&key) } {
+    if let Some(rule) = unsafe { FILE_INODES.get(key) } {
         let mut tier = Verdict::default();
         tier.note(
             rule.flags & INODE_ALLOW != 0,
@@ -136,7 +136,7 @@ fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>
         let parent_inode: *const u8 = read(parent, o.dentry_d_inode)?;
         key.ino = read(parent_inode, o.inode_i_ino)?;
         // SAFETY: as above.
-        if let Some(rule) = unsafe { FILE_INODES.get(&key) } {
+        if let Some(rule) = unsafe { FILE_INODES.get(key) } {
             let rule = *rule;
             let mut tier = Verdict::default();
             tier.note(
@@ -198,6 +198,7 @@ pub struct NameScratch {
 }
 
 /// Trie lookups compare the scope and every name byte.
+#[expect(clippy::cast_possible_truncation, reason = "64 bytes")]
 const FULL_KEY_BITS: u32 = SCOPE_BITS + (NAME_BYTES as u32) * 8;
 
 struct Names(*mut NameScratch);
@@ -284,7 +285,9 @@ fn report(
         let sb: *const u8 = read(inode, o.inode_i_sb).unwrap_or(core::ptr::null());
         (*event).dev = read(sb, o.super_block_s_dev).unwrap_or(0);
         (*event).tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        (*event).uid = bpf_get_current_uid_gid() as u32;
+        #[expect(clippy::cast_possible_truncation, reason = "the uid is the low half")]
+        let uid = bpf_get_current_uid_gid() as u32;
+        (*event).uid = uid;
         (*event).profile_id = session.profile_id;
         (*event).rule_id = rule_id;
         (*event).verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };

@@ -128,51 +128,8 @@ impl Controller {
         let instance_dir = root.join(format!("{}-{}", config.kind, std::process::id()));
         cgroup::create_dir(&instance_dir)?;
 
-        let mut rules = Vec::new();
-        let mut first_ids = BTreeMap::new();
-        for profile in profiles.profiles.values() {
-            first_ids.insert(profile.name.clone(), u32::try_from(rules.len())?);
-            for r in &profile.rules {
-                rules.push(RuleInfo {
-                    profile: profile.name.clone(),
-                    rule: log::RuleRef {
-                        file: r.origin.file.clone(),
-                        line: r.origin.line,
-                        text: r.text.clone(),
-                    },
-                    host: match &r.target.host {
-                        Host::Name(n) => Some(n.clone()),
-                        Host::Net(_) => None,
-                    },
-                });
-            }
-            // File rules take the ids right after the profile's network rules.
-            for r in &profile.file_rules {
-                rules.push(RuleInfo {
-                    profile: profile.name.clone(),
-                    rule: log::RuleRef {
-                        file: r.origin.file.clone(),
-                        line: r.origin.line,
-                        text: r.text.clone(),
-                    },
-                    host: None,
-                });
-            }
-        }
-        let offsets = crate::btf::file_offsets()
-            .map(|o| enforcer_common::KernelOffsets {
-                file_f_inode: o.file_f_inode,
-                file_f_path_dentry: o.file_f_path_dentry,
-                file_f_mode: o.file_f_mode,
-                inode_i_ino: o.inode_i_ino,
-                inode_i_sb: o.inode_i_sb,
-                super_block_s_dev: o.super_block_s_dev,
-                dentry_d_parent: o.dentry_d_parent,
-                dentry_d_name_name: o.dentry_d_name_name,
-                dentry_d_name_len: o.dentry_d_name_len,
-                dentry_d_inode: o.dentry_d_inode,
-            })
-            .map_err(|e| format!("kernel struct offsets for file rules are unknown: {e}"));
+        let (rules, first_ids) = rule_table(&profiles)?;
+        let offsets = kernel_offsets();
         let kernel = Kernel::load(&Scope {
             attach_cgroup: &hierarchy.mount,
             instance_cgroup_id: cgroup::id(&instance_dir)?,
@@ -870,6 +827,61 @@ impl Mounts {
             format!("…/{}", inside.trim_start_matches('/'))
         }
     }
+}
+
+/// Every rule of every profile, indexed by rule id: a profile's network
+/// rules, then its file rules. Returns the table and each profile's first id.
+fn rule_table(profiles: &ProfileSet) -> Result<(Vec<RuleInfo>, BTreeMap<String, u32>)> {
+    let mut rules = Vec::new();
+    let mut first_ids = BTreeMap::new();
+    for profile in profiles.profiles.values() {
+        first_ids.insert(profile.name.clone(), u32::try_from(rules.len())?);
+        for r in &profile.rules {
+            rules.push(RuleInfo {
+                profile: profile.name.clone(),
+                rule: log::RuleRef {
+                    file: r.origin.file.clone(),
+                    line: r.origin.line,
+                    text: r.text.clone(),
+                },
+                host: match &r.target.host {
+                    Host::Name(n) => Some(n.clone()),
+                    Host::Net(_) => None,
+                },
+            });
+        }
+        // File rules take the ids right after the profile's network rules.
+        for r in &profile.file_rules {
+            rules.push(RuleInfo {
+                profile: profile.name.clone(),
+                rule: log::RuleRef {
+                    file: r.origin.file.clone(),
+                    line: r.origin.line,
+                    text: r.text.clone(),
+                },
+                host: None,
+            });
+        }
+    }
+    Ok((rules, first_ids))
+}
+
+/// Kernel struct offsets for the file program, from the running kernel's BTF.
+fn kernel_offsets() -> std::result::Result<enforcer_common::KernelOffsets, String> {
+    crate::btf::file_offsets()
+        .map(|o| enforcer_common::KernelOffsets {
+            file_f_inode: o.file_f_inode,
+            file_f_path_dentry: o.file_f_path_dentry,
+            file_f_mode: o.file_f_mode,
+            inode_i_ino: o.inode_i_ino,
+            inode_i_sb: o.inode_i_sb,
+            super_block_s_dev: o.super_block_s_dev,
+            dentry_d_parent: o.dentry_d_parent,
+            dentry_d_name_name: o.dentry_d_name_name,
+            dentry_d_name_len: o.dentry_d_name_len,
+            dentry_d_inode: o.dentry_d_inode,
+        })
+        .map_err(|e| format!("kernel struct offsets for file rules are unknown: {e}"))
 }
 
 fn c_string(bytes: &[u8]) -> String {

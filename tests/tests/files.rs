@@ -62,10 +62,11 @@ impl Tree {
 /// Run every probe in one session: `probe <how> <path>` per line; returns
 /// one verdict per probe.
 fn probes(sb: &Sandbox, profile: &str, extra: &[&str], calls: &[(&str, &str)]) -> Vec<String> {
-    let script: String = calls
+    let script: Vec<String> = calls
         .iter()
-        .map(|(how, path)| format!("{} {how} '{path}'\n", probe_bin()))
+        .map(|(how, path)| format!("{} {how} '{path}'", probe_bin()))
         .collect();
+    let script = script.join("\n");
     let out = sb.run(profile, extra, &["sh", "-c", &script]);
     assert!(out.status.success(), "enforcer run failed: {out:?}");
     String::from_utf8_lossy(&out.stdout)
@@ -207,7 +208,7 @@ fn directory_rule_covers_later_files_nested_files_and_a_renamed_parent() {
     std::thread::sleep(Duration::from_millis(300));
     t.write("vault/a/b/new");
     t.write("ready");
-    let out = wait_output(agent, Duration::from_secs(60));
+    let out = wait_output(agent, Duration::from_mins(1));
     assert_eq!(out, ["eperm"; 3]);
     let records = sb.records();
     let opens = opens(&records);
@@ -377,7 +378,7 @@ fn processes_outside_the_session_read_normally() {
     // The session is live; we are outside it.
     assert_eq!(fs::read_to_string(&secret).unwrap(), "secret\n");
     t.write("ready");
-    assert_eq!(wait_output(agent, Duration::from_secs(60)), ["eperm"]);
+    assert_eq!(wait_output(agent, Duration::from_mins(1)), ["eperm"]);
 }
 
 #[test]

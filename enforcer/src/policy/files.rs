@@ -185,7 +185,7 @@ pub fn compile(rules: &[FileRuleRef<'_>], home: &Path, stat: Stat<'_>) -> FilesC
         } else {
             (INODE_DENY, SUBTREE_DENY)
         };
-        let mut scoped = |out: &mut FilesCompiled, dir: &Path, subtree: bool, glob: &Glob| {
+        let mut add_scoped = |out: &mut FilesCompiled, dir: &Path, subtree: bool, glob: &Glob| {
             let Some(id) = stat(dir) else {
                 out.missing
                     .push((rule.rule_id, format!("{} does not exist", dir.display())));
@@ -213,7 +213,7 @@ pub fn compile(rules: &[FileRuleRef<'_>], home: &Path, stat: Stat<'_>) -> FilesC
                 }
                 if let (Some(parent), Some(name)) = (path.parent(), path.file_name()) {
                     let name = Glob::Exact(name.to_string_lossy().into_owned());
-                    scoped(&mut out, parent, false, &name);
+                    add_scoped(&mut out, parent, false, &name);
                 }
             }
             FileTarget::Dir(dir) => {
@@ -235,8 +235,8 @@ pub fn compile(rules: &[FileRuleRef<'_>], home: &Path, stat: Stat<'_>) -> FilesC
                 }
             }
             FileTarget::Anywhere(glob) => out.names.push(name_entry(glob, 0, allow, rule.rule_id)),
-            FileTarget::Child(dir, glob) => scoped(&mut out, &expand(dir), false, glob),
-            FileTarget::Subtree(dir, glob) => scoped(&mut out, &expand(dir), true, glob),
+            FileTarget::Child(dir, glob) => add_scoped(&mut out, &expand(dir), false, glob),
+            FileTarget::Subtree(dir, glob) => add_scoped(&mut out, &expand(dir), true, glob),
         }
     }
     out
@@ -439,6 +439,9 @@ mod tests {
         // st_dev for 8:1 (glibc encoding) -> (8 << 20) | 1.
         assert_eq!(kernel_dev(libc::makedev(8, 1)), (8 << 20) | 1);
         assert_eq!(kernel_dev(libc::makedev(0, 45)), 45);
-        assert_eq!(kernel_dev(libc::makedev(259, 70000)), (259 << 20) | 70000);
+        assert_eq!(
+            kernel_dev(libc::makedev(259, 0x1_1170)),
+            (259 << 20) | 0x1_1170
+        );
     }
 }
