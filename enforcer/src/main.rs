@@ -333,6 +333,7 @@ fn print_features(f: &features::Features) {
             .as_deref()
             .unwrap_or("unknown (securityfs not mounted)")
     );
+    println!("file rules: {}", f.file_rules);
 }
 
 fn print_status(s: &Status) {
