@@ -69,27 +69,26 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
     // SAFETY: globals are plain integers written before load.
     let offsets = unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) };
-    match decide(file, session.file_policy, &offsets) {
-        Ok(None) => ALLOW,
-        Ok(Some(rule_id)) => {
-            if rule_id != NO_RULE {
-                count_rule_hit(rule_id);
-            }
-            let audit = session.audit();
-            report(file, &offsets, &session, session_cgroup, rule_id, audit);
-            if audit {
-                count(Counter::Audited);
-                ALLOW
-            } else {
-                count(Counter::Denied);
-                EPERM
-            }
-        }
+    // One place reports, so the verifier walks `report` once.
+    let (rule_id, audit) = match decide(file, session.file_policy, &offsets) {
+        Ok(None) => return ALLOW,
+        Ok(Some(rule_id)) => (rule_id, session.audit()),
+        // A kernel read failed: deny, fail closed.
         Err(()) => {
             count(Counter::FileReadFailed);
-            report(file, &offsets, &session, session_cgroup, NO_RULE, false);
-            EPERM
+            (NO_RULE, false)
         }
+    };
+    if rule_id != NO_RULE {
+        count_rule_hit(rule_id);
+    }
+    report(file, &offsets, &session, session_cgroup, rule_id, audit);
+    if audit {
+        count(Counter::Audited);
+        ALLOW
+    } else {
+        count(Counter::Denied);
+        EPERM
     }
 }
 
@@ -99,6 +98,10 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
 /// carves an exception out of a deny. So renaming a protected file to a name
 /// that is allowed somewhere else does not unprotect it. A path too deep to
 /// walk to its root is denied with `NO_RULE` (fail closed).
+///
+/// Shaped for the verifier: the parents are first collected into per-CPU
+/// scratch (their count kept in map memory, so the verifier does not explore
+/// the rest once per possible depth), then judged in a second loop.
 fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>, ()> {
     let inode: *const u8 = read(file, o.file_f_inode)?;
     let sb: *const u8 = read(inode, o.inode_i_sb)?;
@@ -124,17 +127,32 @@ fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>
     }
 
     let names = Names::read(dentry, o)?;
+    // SAFETY: `names.0` is this CPU's scratch value (see `Names::read`).
+    let scratch = unsafe { &mut *names.0 };
+    scratch.parents = 0;
+    scratch.reached_root = 0;
     let mut current = dentry;
-    let mut depth = 0;
-    while depth < MAX_DEPTH {
+    let mut i = 0;
+    while i < MAX_DEPTH {
         let parent: *const u8 = read(current, o.dentry_d_parent)?;
         if parent == current {
-            let mut anywhere = Verdict::default();
-            names.check(&mut anywhere, policy, 0);
-            return Ok(anywhere.result());
+            scratch.reached_root = 1;
+            break;
         }
         let parent_inode: *const u8 = read(parent, o.dentry_d_inode)?;
-        key.ino = read(parent_inode, o.inode_i_ino)?;
+        scratch.ancestors[i] = read(parent_inode, o.inode_i_ino)?;
+        scratch.parents = i as u32 + 1;
+        current = parent;
+        i += 1;
+    }
+
+    let parents = scratch.parents as usize;
+    let mut depth = 0;
+    while depth < MAX_DEPTH {
+        if depth >= parents {
+            break;
+        }
+        key.ino = scratch.ancestors[depth];
         // SAFETY: as above.
         if let Some(rule) = unsafe { FILE_INODES.get(key) } {
             let rule = *rule;
@@ -154,10 +172,14 @@ fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>
                 return Ok(tier.result());
             }
         }
-        current = parent;
         depth += 1;
     }
-    Ok(Some(NO_RULE))
+    if scratch.reached_root == 0 {
+        return Ok(Some(NO_RULE));
+    }
+    let mut anywhere = Verdict::default();
+    names.check(&mut anywhere, policy, 0);
+    Ok(anywhere.result())
 }
 
 #[derive(Default)]
@@ -195,6 +217,10 @@ pub struct NameScratch {
     forward: Key<NameKey>,
     reversed: Key<NameKey>,
     tail: [u8; NAME_BYTES],
+    /// Inode numbers of the opened file's parents, nearest first.
+    ancestors: [u64; MAX_DEPTH],
+    parents: u32,
+    reached_root: u32,
 }
 
 /// Trie lookups compare the scope and every name byte.
@@ -229,12 +255,12 @@ impl Names {
             s.tail = s.forward.data.name;
             len as usize
         };
+        // No branch on `n` (each would split the verifier's state for the
+        // rest of the program): past the name, the index wraps onto the
+        // zeros that follow a name shorter than NAME_BYTES in `tail`.
         let mut i = 0;
         while i < NAME_BYTES {
-            if i >= n {
-                break;
-            }
-            s.reversed.data.name[i] = s.tail[(n - 1 - i) & (NAME_BYTES - 1)];
+            s.reversed.data.name[i] = s.tail[n.wrapping_sub(1).wrapping_sub(i) & (NAME_BYTES - 1)];
             i += 1;
         }
         Ok(Names(scratch))
@@ -294,29 +320,30 @@ fn report(
         (*event)._pad = 0;
         (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
         let mut dentry: *const u8 = read(file, o.file_f_path_dentry).unwrap_or(core::ptr::null());
-        let mut parts = 0u8;
-        let mut complete = 0u8;
+        // `parts` and `complete` live in the event, not in registers: the
+        // verifier does not track ring buffer contents, so the paths through
+        // this loop merge instead of multiplying.
+        (*event).parts = 0;
+        (*event).complete = 0;
         let mut i = 0;
         while i < EVENT_PATH_PARTS {
             let part = &mut (*event).path[i];
             *part = [0; EVENT_PART_BYTES];
-            if complete == 0 && !dentry.is_null() {
+            if core::ptr::read_volatile(&raw const (*event).complete) == 0 {
                 let name: *const u8 =
                     read(dentry, o.dentry_d_name_name).unwrap_or(core::ptr::null());
                 if bpf_probe_read_kernel_str_bytes(name, part).is_ok() {
-                    parts += 1;
+                    (*event).parts = core::ptr::read_volatile(&raw const (*event).parts) + 1;
                 }
                 let parent: *const u8 =
                     read(dentry, o.dentry_d_parent).unwrap_or(core::ptr::null());
                 if parent == dentry {
-                    complete = 1;
+                    (*event).complete = 1;
                 }
                 dentry = parent;
             }
             i += 1;
         }
-        (*event).parts = parts;
-        (*event).complete = complete;
     }
     entry.submit(0);
 }

@@ -358,10 +358,14 @@ pub fn active_lsms() -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-/// Load the object and attach the file program with no instance (so it
-/// judges nothing), then detach: whether file rules can be enforced here.
+/// Load the object and attach the file program for an instance cgroup id
+/// no cgroup has (so it judges nothing), then detach: whether file rules can
+/// be enforced here. The id must not be 0: the verifier treats read-only
+/// globals as constants, and with 0 it would prune the whole program and
+/// accept what the real load could refuse.
 pub fn probe_file_enforcement() -> std::result::Result<(), String> {
     let mut ebpf = EbpfLoader::new()
+        .override_global(globals::INSTANCE_CGROUP_ID, &u64::MAX, true)
         .map_max_entries(maps::FILE_INODES, 1)
         .load(OBJECT)
         .map_err(|e| format!("loading the kernel object failed: {}", error_chain(&e)))?;

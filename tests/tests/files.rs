@@ -118,12 +118,13 @@ fn exact_file_is_denied_by_every_name() {
             ("open-write", &secret),
             ("open", &relative),
             ("open", &doubled),
+            ("uring-open", &secret),
         ],
     );
-    assert_eq!(verdicts, ["eperm"; 7]);
+    assert_eq!(verdicts, ["eperm"; 8]);
     let records = sb.records();
     let records = opens(&records);
-    assert_eq!(records.len(), 7);
+    assert_eq!(records.len(), 8);
     let first = records[0];
     assert_eq!(first["verdict"], "deny");
     assert_eq!(first["target"], secret);

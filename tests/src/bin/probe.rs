@@ -17,6 +17,7 @@
 //!   open-write     open for writing
 //!   opath-reopen   open with O_PATH (allowed), then reopen /proc/self/fd/N
 //!   read-dir       list a directory
+//!   uring-open     open for reading through io_uring (IORING_OP_OPENAT)
 //! ```
 
 use std::{
@@ -33,10 +34,12 @@ fn main() {
         print_identity();
         return;
     }
-    if let Some(path) = args
-        .get(2)
-        .filter(|_| how.starts_with("open") || how.starts_with("opath") || how == "read-dir")
-    {
+    if let Some(path) = args.get(2).filter(|_| {
+        how.starts_with("open")
+            || how.starts_with("opath")
+            || how == "read-dir"
+            || how == "uring-open"
+    }) {
         report(open_file(how, path));
         return;
     }
@@ -94,6 +97,7 @@ fn open_file(how: &str, path: &str) -> io::Result<()> {
                 .map(drop)
         }
         "read-dir" => std::fs::read_dir(path).map(drop),
+        "uring-open" => uring_open(path),
         other => Err(io::Error::other(format!("unknown probe `{other}`"))),
     }
 }
@@ -224,4 +228,27 @@ fn print_identity() {
     let uid = unsafe { libc::getuid() };
     let cgroup = own_cgroup().map_or_else(|e| format!("? ({e})"), |p| p.display().to_string());
     println!("uid={uid} nnp={nnp} cgroup={cgroup}");
+}
+
+/// openat through io_uring: the kernel opens the file on our behalf.
+fn uring_open(path: &str) -> io::Result<()> {
+    let c_path = std::ffi::CString::new(path).map_err(io::Error::other)?;
+    let mut ring = io_uring::IoUring::new(2)?;
+    let open = io_uring::opcode::OpenAt::new(io_uring::types::Fd(libc::AT_FDCWD), c_path.as_ptr())
+        .flags(libc::O_RDONLY)
+        .build();
+    // SAFETY: `c_path` outlives the submission, which completes below.
+    unsafe { ring.submission().push(&open) }.map_err(io::Error::other)?;
+    ring.submit_and_wait(1)?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| io::Error::other("no completion"))?;
+    let result = cqe.result();
+    if result < 0 {
+        return Err(io::Error::from_raw_os_error(-result));
+    }
+    // SAFETY: a successful openat returns a descriptor we now own.
+    drop(unsafe { OwnedFd::from_raw_fd(result) });
+    Ok(())
 }
