@@ -453,13 +453,16 @@ fn builtin_profile_protects_cloud_credentials_and_env_files() {
             ("open", path_str(&creds)),
             ("open", &env),
             ("open", &t.write("app/main.rs")),
+            // Another process's environment, and a harmless file beside it.
+            ("open", "/proc/1/environ"),
+            ("open", "/proc/1/status"),
         ],
     );
     fs::remove_file(&creds).unwrap();
     if created {
         let _ = fs::remove_dir(&aws);
     }
-    assert_eq!(verdicts, ["eperm", "eperm", "ok"]);
+    assert_eq!(verdicts, ["eperm", "eperm", "ok", "eperm", "ok"]);
 }
 
 #[test]

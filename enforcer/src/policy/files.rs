@@ -72,31 +72,22 @@ impl FileTarget {
             })));
         }
         let (dir, last) = text.rsplit_once('/').unwrap_or(("", text));
-        if !last.contains('*') {
-            if text.contains('*') {
-                return Err(format!(
-                    "`{text}`: wildcards are only allowed in the last name"
-                ));
-            }
-            return Ok(FileTarget::Exact(PathBuf::from(text)));
-        }
-        let glob = parse_glob(last)?;
+        let only_last = || format!("`{text}`: wildcards are only allowed in the last name");
         if let Some(base) = dir.strip_suffix("/**") {
             if base.contains('*') {
-                return Err(format!(
-                    "`{text}`: wildcards are only allowed in the last name"
-                ));
+                return Err(only_last());
             }
-            return Ok(FileTarget::Subtree(PathBuf::from(base), glob));
+            return Ok(FileTarget::Subtree(PathBuf::from(base), parse_glob(last)?));
         }
         if dir.contains('*') {
-            return Err(format!(
-                "`{text}`: wildcards are only allowed in the last name"
-            ));
+            return Err(only_last());
+        }
+        if !last.contains('*') {
+            return Ok(FileTarget::Exact(PathBuf::from(text)));
         }
         Ok(FileTarget::Child(
             PathBuf::from(if dir.is_empty() { "/" } else { dir }),
-            glob,
+            parse_glob(last)?,
         ))
     }
 }
@@ -289,6 +280,10 @@ mod tests {
             (
                 "/etc/ssl/certs/**/*.pem",
                 T::Subtree("/etc/ssl/certs".into(), Glob::Suffix(".pem".into())),
+            ),
+            (
+                "/proc/**/environ",
+                T::Subtree("/proc".into(), Glob::Exact("environ".into())),
             ),
         ];
         for (text, want) in cases {
