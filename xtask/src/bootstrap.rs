@@ -7,7 +7,7 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
-    sync::Once,
+    sync::{Mutex, PoisonError},
 };
 
 use anyhow::{Context, Result};
@@ -48,9 +48,12 @@ fn ensure_rust_src() -> Result<()> {
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
 }
 
-/// Install Debian packages whose marker file is missing.
+/// Install Debian packages whose marker file is missing: `(package, marker)`
+/// pairs, where the marker is a file the package provides (a tool, a library,
+/// or `/var/lib/dpkg/info/<package>.list`). Runs nothing when every marker
+/// exists; otherwise `apt-get update` (once per run) and one `apt-get install`
+/// of the missing packages, as root.
 pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
-    static UPDATE: Once = Once::new();
     let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, marker)| !Path::new(marker).exists())
@@ -60,13 +63,35 @@ pub fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing Debian packages: {}", missing.join(" "));
-    let mut update = Ok(());
-    UPDATE.call_once(|| update = run(Command::new("apt-get").args(["update", "-q"])));
-    update?;
+    apt_get_update()?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| {
+        format!(
+            "could not install {}; install them by hand (as root)",
+            missing.join(" ")
+        )
+    })
+}
+
+/// `apt-get update`, needed before installs and `apt-cache` searches on a
+/// machine whose package lists are absent or stale. Runs at most once per
+/// run once it has succeeded (a failed update is tried again by the next
+/// caller).
+pub fn apt_get_update() -> Result<()> {
+    static UPDATED: Mutex<bool> = Mutex::new(false);
+    let mut updated = UPDATED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !*updated {
+        println!("xtask: apt-get update");
+        run(Command::new("apt-get")
+            .args(["update", "-q"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("`apt-get update` failed; check the apt sources and that this runs as root")?;
+        *updated = true;
+    }
+    Ok(())
 }
 
 fn ensure_bpf_linker() -> Result<()> {

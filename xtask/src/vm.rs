@@ -41,8 +41,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
+use crate::bootstrap;
+
 /// The line `/init` prints after the user script, followed by its exit code.
 pub const SENTINEL: &str = "VM-RESULT: exit=";
+
+/// The line `/init` prints, on a line of its own, just before the user script
+/// starts. The firmware's last console line (`Booting from ROM..` and terminal
+/// escapes) has no line end, so without it the script's first line of output
+/// would be glued to firmware noise; see [`VmOutcome::script_output`].
+pub const SCRIPT_START: &str = "VM-SCRIPT-START";
 
 /// Kernel command line. `quiet` keeps boot noise off the console (and out of
 /// the way of the sentinel); `panic=-1` together with QEMU's `-no-reboot`
@@ -54,6 +62,16 @@ const KERNEL_APPEND: &str = "console=ttyS0 quiet panic=-1 lsm=lockdown,capabilit
 /// How long QEMU may take to exit after the sentinel was seen before it is
 /// killed (the result is already known, so this is not an error).
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+/// How long the guest may take to reach the user script. A boot takes about
+/// 4 s; once in roughly 200 boots a TCG guest was seen to hang silently right
+/// after the firmware. Such a boot is killed and tried again (nothing of the
+/// caller's has run yet, so that is safe) instead of waiting out the whole
+/// [`VmRun::timeout`].
+const BOOT_TIMEOUT: Duration = Duration::from_mins(1);
+
+/// Boots tried before a boot hang is an error.
+const BOOT_ATTEMPTS: u32 = 2;
 
 /// Console lines shown in errors (timeouts, missing sentinel).
 const TAIL_LINES: usize = 40;
@@ -67,7 +85,7 @@ const GUEST_SCRIPT: &str = "/vm/script.sh";
 
 /// Makes sure the host tools the VM needs are installed, installing the
 /// missing Debian packages with `apt-get` (as root, like CI and the
-/// developer machines run).
+/// developer machines run) through [`bootstrap::ensure_debian_packages`].
 ///
 /// Idempotent: when everything is present it runs nothing. `apt-get update`
 /// runs once, and only when something has to be installed, because apt's
@@ -76,58 +94,37 @@ const GUEST_SCRIPT: &str = "/vm/script.sh";
 /// busybox must be the *static* build (`busybox-static`): the guest has no
 /// C library except the ones copied in for the test binaries.
 pub fn ensure_host_packages() -> Result<()> {
-    let mut missing: Vec<&str> = Vec::new();
-    for (tool, package) in [
-        ("qemu-system-x86_64", "qemu-system-x86"),
+    // A tool found on PATH is its own marker (present, so nothing to do);
+    // a missing one is looked for where its Debian package puts it.
+    let mut markers: Vec<(&str, String)> = [
+        ("qemu-system-x86", "qemu-system-x86_64"),
         ("cpio", "cpio"),
         ("gzip", "gzip"),
-        ("ldd", "libc-bin"),
-        ("apt-get", "apt"),
-        ("dpkg-deb", "dpkg"),
-    ] {
-        if find_on_path(tool).is_none() {
-            missing.push(package);
-        }
-    }
-    if static_busybox().is_err() {
-        missing.push("busybox-static");
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    println!(
-        "vm: installing missing host packages: {}",
-        missing.join(" ")
+        ("libc-bin", "ldd"),
+    ]
+    .into_iter()
+    .map(|(package, tool)| {
+        let marker = find_on_path(tool).map_or_else(
+            || format!("/usr/bin/{tool}"),
+            |path| path.to_string_lossy().into_owned(),
+        );
+        (package, marker)
+    })
+    .collect();
+    // The dynamically linked `busybox` package also installs /bin/busybox,
+    // so only a static busybox on PATH, or busybox-static itself being
+    // installed, counts.
+    let busybox_marker = static_busybox().map_or_else(
+        |_| "/var/lib/dpkg/info/busybox-static.list".to_owned(),
+        |path| path.to_string_lossy().into_owned(),
     );
-    apt_get_update()?;
-    let status = Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("could not start apt-get (is this a Debian/Ubuntu host?)")?;
-    ensure!(
-        status.success(),
-        "`apt-get install {}` failed ({status}); install these packages by hand (as root)",
-        missing.join(" ")
-    );
-    static_busybox().context("busybox-static was installed but no static busybox is on PATH")?;
-    Ok(())
-}
-
-/// Runs `apt-get update`, needed before installs and before `apt-cache`
-/// searches on a machine whose package lists are absent or old.
-fn apt_get_update() -> Result<()> {
-    println!("vm: apt-get update");
-    let status = Command::new("apt-get")
-        .arg("update")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("could not start apt-get update")?;
-    ensure!(
-        status.success(),
-        "`apt-get update` failed ({status}); check the apt sources and that this runs as root"
-    );
+    markers.push(("busybox-static", busybox_marker));
+    let markers: Vec<(&str, &str)> = markers
+        .iter()
+        .map(|(package, marker)| (*package, marker.as_str()))
+        .collect();
+    bootstrap::ensure_debian_packages(&markers)?;
+    static_busybox().context("busybox-static is installed but no static busybox is on PATH")?;
     Ok(())
 }
 
@@ -213,7 +210,7 @@ pub fn ensure_kernel(cache_dir: &Path) -> Result<PathBuf> {
     let mut candidates = search_cloud_kernels()?;
     if candidates.is_empty() {
         // A fresh machine may have no package lists yet.
-        apt_get_update()?;
+        bootstrap::apt_get_update()?;
         candidates = search_cloud_kernels()?;
     }
     ensure!(
@@ -354,7 +351,9 @@ fn cached_kernel(cache_dir: &Path) -> Result<Option<PathBuf>> {
 fn download_and_unpack(cache_dir: &Path, kernel: &KernelPackage) -> Result<PathBuf> {
     println!("vm: downloading {}", kernel.package);
     let status = Command::new("apt-get")
-        .args(["download", &kernel.package])
+        // `_apt` cannot write into a root-owned cache directory; downloading
+        // as root avoids apt's warning about that.
+        .args(["-o", "APT::Sandbox::User=root", "download", &kernel.package])
         .current_dir(cache_dir)
         .status()
         .context("could not start apt-get download")?;
@@ -467,7 +466,7 @@ impl Default for VmRun {
             binaries: Vec::new(),
             files: Vec::new(),
             script: String::new(),
-            timeout: Duration::from_secs(180),
+            timeout: Duration::from_mins(3),
             memory_mb: 1024,
         }
     }
@@ -483,6 +482,29 @@ pub struct VmOutcome {
     pub console: String,
     /// Wall-clock time from starting QEMU until the sentinel line arrived.
     pub elapsed: Duration,
+}
+
+impl VmOutcome {
+    /// What the script printed: the console between the [`SCRIPT_START`] line
+    /// and the sentinel line (kernel messages that arrived meanwhile included).
+    /// The whole console if the start line is missing.
+    pub fn script_output(&self) -> &str {
+        script_output(&self.console)
+    }
+}
+
+/// See [`VmOutcome::script_output`].
+fn script_output(console: &str) -> &str {
+    let marker = format!("{SCRIPT_START}\n");
+    let Some(start) = console.find(&marker) else {
+        return console;
+    };
+    let rest = &console[start + marker.len()..];
+    // `/init` prints a line end before the sentinel, so that a script whose
+    // output ends without one still leaves the sentinel on its own line; that
+    // extra line end is not the script's.
+    rest.find(&format!("\n{SENTINEL}"))
+        .map_or(rest, |end| &rest[..end])
 }
 
 /// Boots `kernel` with an initramfs made for `run` and returns the script's
@@ -724,6 +746,8 @@ mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 ip link set lo up || echo "vm-init: could not bring up lo"
 hostname vm
 cd /
+echo
+echo "{SCRIPT_START}"
 sh {GUEST_SCRIPT} </dev/null
 code=$?
 echo
@@ -846,9 +870,39 @@ fn write_cpio_gz(staging: &Path, output: &Path) -> Result<()> {
 
 // --- QEMU --------------------------------------------------------------------
 
-/// Boots QEMU and follows the console until QEMU exits, the timeout passes,
-/// or (after the sentinel) the poweroff grace period passes.
+/// How one QEMU boot ended, short of an error.
+enum Attempt {
+    /// The sentinel line arrived.
+    Done(VmOutcome),
+    /// The guest never reached the script within [`BOOT_TIMEOUT`]; the last
+    /// console lines.
+    BootHang(String),
+}
+
+/// Boots QEMU, retrying a boot that hung before the script started.
 fn boot(kernel: &Path, initrd: &Path, run: &VmRun) -> Result<VmOutcome> {
+    let mut attempt = 1;
+    loop {
+        match boot_once(kernel, initrd, run)? {
+            Attempt::Done(outcome) => return Ok(outcome),
+            Attempt::BootHang(_) if attempt < BOOT_ATTEMPTS => {
+                eprintln!(
+                    "vm: the guest did not reach the script within {BOOT_TIMEOUT:?} \
+                     (attempt {attempt} of {BOOT_ATTEMPTS}); booting again"
+                );
+                attempt += 1;
+            }
+            Attempt::BootHang(last_lines) => bail!(
+                "the guest did not reach the script within {BOOT_TIMEOUT:?} in {BOOT_ATTEMPTS} \
+                 boots (a boot normally takes about 4 s); last console lines:\n{last_lines}"
+            ),
+        }
+    }
+}
+
+/// Boots QEMU once and follows the console until QEMU exits, a timeout
+/// passes, or (after the sentinel) the poweroff grace period passes.
+fn boot_once(kernel: &Path, initrd: &Path, run: &VmRun) -> Result<Attempt> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
@@ -873,11 +927,16 @@ fn boot(kernel: &Path, initrd: &Path, run: &VmRun) -> Result<VmOutcome> {
 
     let mut console = ConsoleLog::default();
     let deadline = started + run.timeout;
-    let mut timed_out = false;
+    let boot_deadline = started + BOOT_TIMEOUT.min(run.timeout);
+    let (mut timed_out, mut boot_hang) = (false, false);
     loop {
         let now = Instant::now();
         if now >= deadline {
             timed_out = true;
+            break;
+        }
+        if !console.script_started && now >= boot_deadline {
+            boot_hang = true;
             break;
         }
         if let Some((_, seen_at)) = console.result
@@ -908,27 +967,39 @@ fn boot(kernel: &Path, initrd: &Path, run: &VmRun) -> Result<VmOutcome> {
     let qemu_stderr = stderr_reader.join().unwrap_or_default();
     let text = console.text();
 
-    if timed_out && console.result.is_none() {
+    if let Some((exit_code, elapsed)) = console.result {
+        return Ok(Attempt::Done(VmOutcome {
+            exit_code,
+            console: text,
+            elapsed,
+        }));
+    }
+    if boot_hang {
+        return Ok(Attempt::BootHang(tail(&text, TAIL_LINES)));
+    }
+    if timed_out {
         bail!(
             "the VM run timed out after {:?} and QEMU was killed; last console lines:\n{}",
             run.timeout,
             tail(&text, TAIL_LINES)
         );
     }
-    let Some((exit_code, elapsed)) = console.result else {
-        bail!(
-            "QEMU exited ({}) without the `{SENTINEL}` line: the guest kernel panicked or \
-             /init failed (or QEMU could not start: {}); last console lines:\n{}",
-            status.map_or_else(|| "killed".to_owned(), |s| s.to_string()),
-            String::from_utf8_lossy(&qemu_stderr).trim(),
-            tail(&text, TAIL_LINES)
-        );
+    let cause = if text.contains("Kernel panic") {
+        "the guest kernel panicked"
+    } else {
+        "the guest kernel or /init failed"
     };
-    Ok(VmOutcome {
-        exit_code,
-        console: text,
-        elapsed,
-    })
+    let qemu_said = String::from_utf8_lossy(&qemu_stderr);
+    let qemu_said = match qemu_said.trim() {
+        "" => String::new(),
+        said => format!("QEMU said: {said}\n"),
+    };
+    bail!(
+        "QEMU exited ({}) without the `{SENTINEL}` line: {cause}.\n{qemu_said}\
+         Last console lines:\n{}",
+        status.map_or_else(|| "killed".to_owned(), |s| s.to_string()),
+        tail(&text, TAIL_LINES)
+    )
 }
 
 /// Reads a pipe to its end, passing every chunk on.
@@ -988,6 +1059,8 @@ struct ConsoleLog {
     bytes: Vec<u8>,
     /// Start of the line not yet complete (everything before was scanned).
     line_start: usize,
+    /// Whether the [`SCRIPT_START`] line was seen.
+    script_started: bool,
     /// Exit code from the sentinel and when it was seen (since QEMU started).
     result: Option<(i32, Duration)>,
 }
@@ -1002,7 +1075,9 @@ impl ConsoleLog {
             let end = self.line_start + newline;
             if self.result.is_none() {
                 let line = String::from_utf8_lossy(&self.bytes[self.line_start..end]);
-                if let Some(code) = parse_sentinel_line(&line) {
+                if line.trim_end().ends_with(SCRIPT_START) {
+                    self.script_started = true;
+                } else if let Some(code) = parse_sentinel_line(&line) {
                     self.result = Some((code, now));
                 }
             }
@@ -1031,7 +1106,9 @@ fn parse_sentinel_line(line: &str) -> Option<i32> {
 }
 
 /// The exit code from a whole console transcript (the first sentinel line).
-pub fn parse_sentinel(console: &str) -> Option<i32> {
+/// Runs follow the console live ([`ConsoleLog`]); this is for the tests.
+#[cfg(test)]
+fn parse_sentinel(console: &str) -> Option<i32> {
     console.lines().find_map(parse_sentinel_line)
 }
 
@@ -1056,6 +1133,16 @@ mod tests {
         assert_eq!(parse_sentinel_line("VM-RESULT: exit=127\r"), Some(127));
         assert_eq!(parse_sentinel_line("VM-RESULT: exit="), None);
         assert_eq!(parse_sentinel("no result here\n"), None);
+    }
+
+    #[test]
+    fn script_output_is_cut_from_the_console() {
+        let console = "SeaBIOS\nBooting from ROM..\x1bc\nVM-SCRIPT-START\nline 1\nline 2\n\nVM-RESULT: exit=0\n[ 4.1] reboot\n";
+        assert_eq!(script_output(console), "line 1\nline 2\n");
+        let no_newline = "x\nVM-SCRIPT-START\npartial\nVM-RESULT: exit=1\n";
+        assert_eq!(script_output(no_newline), "partial");
+        let silent = "VM-SCRIPT-START\n\nVM-RESULT: exit=0\n";
+        assert_eq!(script_output(silent), "");
     }
 
     #[test]
