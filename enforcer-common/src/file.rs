@@ -98,13 +98,19 @@ pub struct KernelOffsets {
 
 pub const EVENT_FILE: u32 = 2;
 
+/// `FileEvent.mode` for a rename of (or over) a protected file.
+pub const ACCESS_RENAME: u32 = 4;
+/// `FileEvent.mode` for a hard link to a protected file.
+pub const ACCESS_LINK: u32 = 8;
+
 /// A denied (or audited) open, sent through the `EVENTS` ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FileEvent {
     /// [`EVENT_FILE`].
     pub kind: u32,
-    /// `f_mode & 3`: 1 read, 2 write, 3 both.
+    /// For opens `f_mode & 3` (1 read, 2 write, 3 both); else
+    /// [`ACCESS_RENAME`] or [`ACCESS_LINK`].
     pub mode: u32,
     pub boot_ns: u64,
     pub session_cgroup: u64,

@@ -11,9 +11,9 @@ use aya_ebpf::{
     programs::LsmContext,
 };
 use enforcer_common::{
-    Counter, EVENT_FILE, EVENT_PART_BYTES, EVENT_PATH_PARTS, FileEvent, INODE_ALLOW, INODE_DENY,
-    InodeKey, KernelOffsets, MAX_DEPTH, NAME_BYTES, NO_RULE, NameKey, SUBTREE_ALLOW, SUBTREE_DENY,
-    Session, VERDICT_AUDIT, VERDICT_DENY, scope,
+    ACCESS_LINK, ACCESS_RENAME, Counter, EVENT_FILE, EVENT_PART_BYTES, EVENT_PATH_PARTS, FileEvent,
+    INODE_ALLOW, INODE_DENY, InodeKey, KernelOffsets, MAX_DEPTH, NAME_BYTES, NO_RULE, NameKey,
+    SUBTREE_ALLOW, SUBTREE_DENY, Session, VERDICT_AUDIT, VERDICT_DENY, scope,
 };
 
 use crate::{
@@ -49,9 +49,85 @@ fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
 }
 
+/// `file_open(file)`: any open, read or write, however it was reached.
 pub fn judge_open(ctx: &LsmContext) -> i32 {
+    let file: *const u8 = ctx.arg(0);
+    judge(ctx.arg(1), |o| {
+        Ok(Object {
+            dentry: read(file, o.file_f_path_dentry)?,
+            inode: read(file, o.file_f_inode)?,
+            access: read::<u32>(file, o.file_f_mode)? & 3,
+        })
+    })
+}
+
+/// `inode_link(old_dentry, dir, new_dentry)`: a hard link to a protected
+/// file would let it be opened outside a protected directory.
+pub fn judge_link(ctx: &LsmContext) -> i32 {
+    let old: *const u8 = ctx.arg(0);
+    judge(ctx.arg(3), |o| dentry_object(old, ACCESS_LINK, o))
+}
+
+/// `inode_rename(old_dir, old_dentry, new_dir, new_dentry)`: moving a
+/// protected file out of a protected directory, or replacing one (the target
+/// of an overwrite or an exchange).
+pub fn judge_rename(ctx: &LsmContext) -> i32 {
+    let old: *const u8 = ctx.arg(1);
+    let new: *const u8 = ctx.arg(3);
+    let verdict = judge(ctx.arg(4), |o| dentry_object(old, ACCESS_RENAME, o));
+    if verdict != ALLOW {
+        return verdict;
+    }
+    judge(0, |o| {
+        let inode: *const u8 = read(new, o.dentry_d_inode)?;
+        // A new name (no inode yet) protects nothing.
+        if inode.is_null() {
+            return Err(Absent);
+        }
+        Ok(Object {
+            dentry: new,
+            inode,
+            access: ACCESS_RENAME,
+        })
+    })
+}
+
+/// What a file program judges.
+struct Object {
+    dentry: *const u8,
+    inode: *const u8,
+    /// `FileEvent.mode`: open mode bits, or `ACCESS_RENAME` / `ACCESS_LINK`.
+    access: u32,
+}
+
+/// Why an object could not be read: a kernel read failed (deny, fail
+/// closed), or there is nothing to judge (allow).
+#[derive(PartialEq, Eq)]
+enum Unread {
+    Failed,
+    Absent,
+}
+use Unread::Absent;
+
+impl From<()> for Unread {
+    fn from((): ()) -> Unread {
+        Unread::Failed
+    }
+}
+
+fn dentry_object(dentry: *const u8, access: u32, o: &KernelOffsets) -> Result<Object, Unread> {
+    Ok(Object {
+        dentry,
+        inode: read(dentry, o.dentry_d_inode)?,
+        access,
+    })
+}
+
+/// The part every file hook shares: is the task in a session with file
+/// rules, what do they say about the object, report and count.
+#[inline(always)]
+fn judge(previous: i32, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
     // An earlier LSM program already decided.
-    let previous: i32 = ctx.arg(1);
     if previous != 0 {
         return previous;
     }
@@ -66,23 +142,36 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
     if session.file_policy == 0 {
         return ALLOW;
     }
-    let file: *const u8 = ctx.arg(0);
     // SAFETY: globals are plain integers written before load.
     let offsets = unsafe { core::ptr::read_volatile(&raw const KERNEL_OFFSETS) };
+    let object = match object(&offsets) {
+        Ok(object) => Ok(object),
+        Err(Absent) => return ALLOW,
+        Err(Unread::Failed) => Err(()),
+    };
     // One place reports, so the verifier walks `report` once.
-    let (rule_id, audit) = match decide(file, session.file_policy, &offsets) {
-        Ok(None) => return ALLOW,
-        Ok(Some(rule_id)) => (rule_id, session.audit()),
+    let (rule_id, audit, object) = match object
+        .and_then(|obj| decide(&obj, session.file_policy, &offsets).map(|d| (d, obj)))
+    {
+        Ok((None, _)) => return ALLOW,
+        Ok((Some(rule_id), obj)) => (rule_id, session.audit(), Some(obj)),
         // A kernel read failed: deny, fail closed.
         Err(()) => {
             count(Counter::FileReadFailed);
-            (NO_RULE, false)
+            (NO_RULE, false, None)
         }
     };
     if rule_id != NO_RULE {
         count_rule_hit(rule_id);
     }
-    report(file, &offsets, &session, session_cgroup, rule_id, audit);
+    report(
+        object.as_ref(),
+        &offsets,
+        &session,
+        session_cgroup,
+        rule_id,
+        audit,
+    );
     if audit {
         count(Counter::Audited);
         ALLOW
@@ -102,11 +191,10 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
 /// Shaped for the verifier: the parents are first collected into per-CPU
 /// scratch (their count kept in map memory, so the verifier does not explore
 /// the rest once per possible depth), then judged in a second loop.
-fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>, ()> {
-    let inode: *const u8 = read(file, o.file_f_inode)?;
+fn decide(object: &Object, policy: u32, o: &KernelOffsets) -> Result<Option<u32>, ()> {
+    let (inode, dentry) = (object.inode, object.dentry);
     let sb: *const u8 = read(inode, o.inode_i_sb)?;
     let dev: u32 = read(sb, o.super_block_s_dev)?;
-    let dentry: *const u8 = read(file, o.file_f_path_dentry)?;
 
     let mut key = InodeKey {
         policy,
@@ -141,7 +229,9 @@ fn decide(file: *const u8, policy: u32, o: &KernelOffsets) -> Result<Option<u32>
         }
         let parent_inode: *const u8 = read(parent, o.dentry_d_inode)?;
         scratch.ancestors[i] = read(parent_inode, o.inode_i_ino)?;
-        scratch.parents = i as u32 + 1;
+        #[expect(clippy::cast_possible_truncation, reason = "i < MAX_DEPTH")]
+        let parents = i as u32 + 1;
+        scratch.parents = parents;
         current = parent;
         i += 1;
     }
@@ -287,7 +377,7 @@ impl Names {
 
 #[inline(always)]
 fn report(
-    file: *const u8,
+    object: Option<&Object>,
     o: &KernelOffsets,
     session: &Session,
     session_cgroup: u64,
@@ -303,10 +393,10 @@ fn report(
     // size; every field is written before submit.
     unsafe {
         (*event).kind = EVENT_FILE;
-        (*event).mode = read::<u32>(file, o.file_f_mode).unwrap_or(0) & 3;
+        (*event).mode = object.map_or(0, |obj| obj.access);
         (*event).boot_ns = bpf_ktime_get_boot_ns();
         (*event).session_cgroup = session_cgroup;
-        let inode: *const u8 = read(file, o.file_f_inode).unwrap_or(core::ptr::null());
+        let inode = object.map_or(core::ptr::null(), |obj| obj.inode);
         (*event).ino = read(inode, o.inode_i_ino).unwrap_or(0);
         let sb: *const u8 = read(inode, o.inode_i_sb).unwrap_or(core::ptr::null());
         (*event).dev = read(sb, o.super_block_s_dev).unwrap_or(0);
@@ -319,7 +409,7 @@ fn report(
         (*event).verdict = if audit { VERDICT_AUDIT } else { VERDICT_DENY };
         (*event)._pad = 0;
         (*event).comm = bpf_get_current_comm().unwrap_or([0; 16]);
-        let mut dentry: *const u8 = read(file, o.file_f_path_dentry).unwrap_or(core::ptr::null());
+        let mut dentry = object.map_or(core::ptr::null(), |obj| obj.dentry);
         // `parts` and `complete` live in the event, not in registers: the
         // verifier does not track ring buffer contents, so the paths through
         // this loop merge instead of multiplying.

@@ -49,6 +49,16 @@ pub fn file_open(ctx: LsmContext) -> i32 {
     file::judge_open(&ctx)
 }
 
+#[lsm(hook = "inode_link")]
+pub fn inode_link(ctx: LsmContext) -> i32 {
+    file::judge_link(&ctx)
+}
+
+#[lsm(hook = "inode_rename")]
+pub fn inode_rename(ctx: LsmContext) -> i32 {
+    file::judge_rename(&ctx)
+}
+
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

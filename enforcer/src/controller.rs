@@ -15,8 +15,9 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::{
-    Counter, EVENT_FILE, EVENT_NET, FileEvent, InodeKey, NO_RULE, NameRule, NetEvent, OP_CONNECT,
-    PROTO_TCP, PROTO_UDP, SESSION_AUDIT, SESSION_DEFAULT_DENY, Session, VERDICT_AUDIT,
+    ACCESS_LINK, ACCESS_RENAME, Counter, EVENT_FILE, EVENT_NET, FileEvent, InodeKey, NO_RULE,
+    NameRule, NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, SESSION_AUDIT, SESSION_DEFAULT_DENY,
+    Session, VERDICT_AUDIT,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -514,6 +515,11 @@ impl Controller {
                 }
             })
             .collect();
+        let file_programs: &[&str] = if state.kernel.file_enforcement.is_ok() {
+            &kernel::FILE_PROGRAMS
+        } else {
+            &[]
+        };
         Status {
             controller: state.kind.into(),
             pid: std::process::id(),
@@ -522,6 +528,7 @@ impl Controller {
             instance_cgroup: state.instance_dir.display().to_string(),
             programs: kernel::NET_PROGRAMS
                 .iter()
+                .chain(file_programs)
                 .map(|p| (*p).to_owned())
                 .collect(),
             profiles,
@@ -669,7 +676,12 @@ impl State {
             pid: event.tgid,
             uid: event.uid,
             comm: c_string(&event.comm),
-            op: "open".into(),
+            op: match event.mode {
+                ACCESS_RENAME => "rename",
+                ACCESS_LINK => "link",
+                _ => "open",
+            }
+            .into(),
             verdict: if event.verdict == VERDICT_AUDIT {
                 "audit"
             } else {
@@ -678,15 +690,12 @@ impl State {
             .into(),
             target: mounts.path(event),
             proto: "file".into(),
-            mode: Some(
-                match event.mode & 3 {
-                    1 => "read",
-                    2 => "write",
-                    3 => "read-write",
-                    _ => "none",
-                }
-                .into(),
-            ),
+            mode: match event.mode {
+                1 => Some("read".into()),
+                2 => Some("write".into()),
+                3 => Some("read-write".into()),
+                _ => None,
+            },
             host: None,
             rule: rule_info.map_or_else(
                 || log::RuleRef {

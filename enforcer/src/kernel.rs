@@ -20,8 +20,10 @@ use ipnet::IpNet;
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
-/// The LSM program that judges file opens, named after its hook.
-pub const FILE_PROGRAM: &str = "file_open";
+/// The LSM programs that guard protected files, named after their hooks:
+/// opening them, and renaming or hard-linking them (which would otherwise
+/// move a file out of a protected directory).
+pub const FILE_PROGRAMS: [&str; 3] = ["file_open", "inode_rename", "inode_link"];
 
 /// Entries of `FILE_INODES` (files and directories named by file rules,
 /// over all live file policies).
@@ -310,27 +312,29 @@ fn attach_file_program(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
     let btf = Btf::from_sys_fs().map_err(|e| {
         format!("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: {e}; the kernel needs CONFIG_DEBUG_INFO_BTF=y")
     })?;
-    let program: &mut Lsm = ebpf
-        .program_mut(FILE_PROGRAM)
-        .ok_or_else(|| format!("the kernel object has no `{FILE_PROGRAM}` program"))?
-        .try_into()
-        .map_err(|e| format!("`{FILE_PROGRAM}` is not an LSM program: {e}"))?;
-    let refused = |what: &str, e: &dyn std::fmt::Display| {
-        format!(
-            "the kernel refused to {what} the BPF LSM program `{FILE_PROGRAM}` ({e}){}: file rules \
-             need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
-            match &active {
-                Some(list) => format!("; the LSM list is `{list}`"),
-                None => String::new(),
-            }
-        )
-    };
-    program
-        .load(FILE_PROGRAM, &btf)
-        .map_err(|e| refused("load", &error_chain(&e)))?;
-    program
-        .attach()
-        .map_err(|e| refused("attach", &error_chain(&e)))?;
+    for name in FILE_PROGRAMS {
+        let program: &mut Lsm = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("the kernel object has no `{name}` program"))?
+            .try_into()
+            .map_err(|e| format!("`{name}` is not an LSM program: {e}"))?;
+        let refused = |what: &str, e: &dyn std::fmt::Display| {
+            format!(
+                "the kernel refused to {what} the BPF LSM program `{name}` ({e}){}: file rules \
+                 need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
+                match &active {
+                    Some(list) => format!("; the LSM list is `{list}`"),
+                    None => String::new(),
+                }
+            )
+        };
+        program
+            .load(name, &btf)
+            .map_err(|e| refused("load", &error_chain(&e)))?;
+        program
+            .attach()
+            .map_err(|e| refused("attach", &error_chain(&e)))?;
+    }
     Ok(())
 }
 
@@ -358,7 +362,7 @@ pub fn active_lsms() -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-/// Load the object and attach the file program for an instance cgroup id
+/// Load the object and attach the file programs for an instance cgroup id
 /// no cgroup has (so it judges nothing), then detach: whether file rules can
 /// be enforced here. The id must not be 0: the verifier treats read-only
 /// globals as constants, and with 0 it would prune the whole program and

@@ -366,7 +366,7 @@ fn host_name_rules_resolve_and_follow_address_changes() {
     );
     let (_l1, _) = listen("127.0.20.1:5432");
     let (_l2, _) = listen("127.0.20.2:5432");
-    let changer = std::thread::spawn(move || {
+    let dns_mover = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_mins(2);
         while !resolved.exists() {
             assert!(Instant::now() < deadline, "the agent never ran");
@@ -377,7 +377,7 @@ fn host_name_rules_resolve_and_follow_address_changes() {
         dns
     });
     let out = sb.run("named", &["--resolver", &resolver], &["sh", "-c", &script]);
-    let dns = changer.join().unwrap();
+    let dns = dns_mover.join().unwrap();
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_owned)

@@ -149,20 +149,20 @@ fn bind_mounts_renames_and_new_links_keep_the_identity() {
     fs::create_dir(t.path("mnt")).unwrap();
     let sb = Sandbox::new();
     sb.profile("p", &profile("p", &[&secret], &[]));
-    // Inside the session: bind-mount the directory, rename the file, link it.
-    let script = format!(
-        "mount --bind {d} {mnt} && {probe} open {mnt}/secret.txt; umount {mnt}; \
-         mv {secret} {d}/renamed && {probe} open {d}/renamed; \
-         ln {d}/renamed {d}/newlink && {probe} open {d}/newlink",
-        d = t.p("d"),
-        mnt = t.p("mnt"),
-        probe = probe_bin(),
+    let probe = probe_bin();
+    let (d, mnt) = (t.p("d"), t.p("mnt"));
+    let lines = with_pause(
+        &sb,
+        "p",
+        &format!("mount --bind {d} {mnt} && {probe} open {mnt}/secret.txt; umount {mnt}"),
+        // Renamed and linked by someone outside any session: the file's
+        // identity is what is protected.
+        || {
+            fs::rename(&secret, t.path("d/renamed")).unwrap();
+            fs::hard_link(t.path("d/renamed"), t.path("d/newlink")).unwrap();
+        },
+        &format!("{probe} open {d}/renamed; {probe} open {d}/newlink"),
     );
-    let out = sb.run("p", &[], &["sh", "-c", &script]);
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_owned)
-        .collect();
     assert_eq!(lines, ["eperm"; 3]);
     assert_eq!(opens(&sb.records()).len(), 3);
 }
@@ -178,13 +178,16 @@ fn directory_rule_covers_later_files_nested_files_and_a_renamed_parent() {
     sb.profile("p", &profile("p", &[&format!("{}/", t.p("vault"))], &[]));
     let rules = sb.rules();
     let log = sb.log();
-    // The agent waits; meanwhile a file appears, and then the parent moves.
+    // The agent waits; meanwhile a file appears; then (outside the session)
+    // the protected directory is renamed.
     let script = format!(
         "while [ ! -e {ready} ]; do sleep 0.1; done; {probe} open {new}; {probe} read-dir {vault}; \
-         mv {vault} {moved} && {probe} open {moved}/a/b/new",
+         touch {step}; while [ ! -e {moved_mark} ]; do sleep 0.1; done; {probe} open {moved}/a/b/new",
         ready = t.p("ready"),
         new = t.p("vault/a/b/new"),
         vault = t.p("vault"),
+        step = t.p("step"),
+        moved_mark = t.p("moved-mark"),
         moved = t.p("moved"),
         probe = probe_bin()
     );
@@ -209,6 +212,16 @@ fn directory_rule_covers_later_files_nested_files_and_a_renamed_parent() {
     std::thread::sleep(Duration::from_millis(300));
     t.write("vault/a/b/new");
     t.write("ready");
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !t.path("step").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not get to its second step"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    fs::rename(t.path("vault"), t.path("moved")).unwrap();
+    t.write("moved-mark");
     let out = wait_output(agent, Duration::from_mins(1));
     assert_eq!(out, ["eperm"; 3]);
     let records = sb.records();
@@ -219,6 +232,53 @@ fn directory_rule_covers_later_files_nested_files_and_a_renamed_parent() {
             .iter()
             .all(|r| r["rule"]["text"] == format!("{}/", t.p("vault")))
     );
+}
+
+/// Run `first` in a session, pause the agent while the test does `outside`
+/// (outside any session, after the rules are loaded), then run `then`;
+/// returns the agent's output lines.
+fn with_pause(
+    sb: &Sandbox,
+    profile: &str,
+    first: &str,
+    outside: impl FnOnce(),
+    then: &str,
+) -> Vec<String> {
+    let marks = tempfile::tempdir().unwrap();
+    let (paused, resume) = (marks.path().join("paused"), marks.path().join("resume"));
+    let script = format!(
+        "{first}\ntouch {paused}; while [ ! -e {resume} ]; do sleep 0.1; done\n{then}",
+        paused = path_str(&paused),
+        resume = path_str(&resume),
+    );
+    let rules = sb.rules();
+    let log = sb.log();
+    let agent = Spawned(
+        sb.enforcer(&[
+            "run",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+            "--profile",
+            profile,
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !paused.exists() {
+        assert!(Instant::now() < deadline, "the agent never paused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    outside();
+    fs::write(&resume, "").unwrap();
+    wait_output(agent, Duration::from_mins(1))
 }
 
 fn wait_output(mut agent: Spawned, limit: Duration) -> Vec<String> {
@@ -309,20 +369,66 @@ fn renaming_a_protected_file_to_an_allowed_name_keeps_it_protected() {
             &["**/cacert.pem"],
         ),
     );
+    let probe = probe_bin();
+    let lines = with_pause(
+        &sb,
+        "p",
+        "true",
+        // Renamed (outside the session) to a name an allow rule covers
+        // elsewhere.
+        || {
+            fs::rename(t.path("creds/secret"), t.path("creds/cacert.pem")).unwrap();
+            fs::rename(&token, t.path("cacert.pem")).unwrap();
+        },
+        &format!(
+            "{probe} open {}; {probe} open {}",
+            t.p("creds/cacert.pem"),
+            t.p("cacert.pem")
+        ),
+    );
+    assert_eq!(lines, ["eperm", "eperm"]);
+}
+
+#[test]
+fn the_agent_cannot_move_or_link_a_protected_file_out() {
+    if !bpf_lsm() {
+        return;
+    }
+    let t = Tree::new();
+    t.write("aws/credentials");
+    let token = t.write("token");
+    fs::create_dir(t.path("out")).unwrap();
+    let sb = Sandbox::new();
+    sb.profile(
+        "p",
+        &profile("p", &[&format!("{}/", t.p("aws")), &token], &[]),
+    );
+    // Each step prints `refused` when the kernel says no.
     let script = format!(
-        "mv {creds}/secret {creds}/cacert.pem && {probe} open {creds}/cacert.pem; \
-         mv {token} {dir}/cacert.pem && {probe} open {dir}/cacert.pem",
-        creds = t.p("creds"),
+        "mv {aws}/credentials {out}/c 2>/dev/null && echo moved || echo refused; \
+         ln {aws}/credentials {out}/l 2>/dev/null && echo linked || echo refused; \
+         mv {token} {out}/t 2>/dev/null && echo moved || echo refused; \
+         echo x > {out}/x && mv {out}/x {token} 2>/dev/null && echo replaced || echo refused; \
+         mv {aws} {out}/aws 2>/dev/null && echo moved-dir || echo refused",
+        aws = t.p("aws"),
+        out = t.p("out"),
         token = token,
-        dir = t.p(""),
-        probe = probe_bin()
     );
     let out = sb.run("p", &[], &["sh", "-c", &script]);
     let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_owned)
         .collect();
-    assert_eq!(lines, ["eperm", "eperm"]);
+    assert_eq!(lines, ["refused"; 5]);
+    assert!(
+        t.path("aws/credentials").exists()
+            && !t.path("out/c").exists()
+            && !t.path("out/l").exists()
+    );
+    let records = sb.records();
+    let ops: Vec<&str> = records.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["rename", "link", "rename", "rename", "rename"]);
+    assert!(records.iter().all(|r| r["verdict"] == "deny"));
 }
 
 #[test]
