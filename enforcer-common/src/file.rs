@@ -84,15 +84,25 @@ pub struct NameRule {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct KernelOffsets {
+    /// `struct file` -> `f_inode` (`struct inode *`).
     pub file_f_inode: u32,
+    /// `struct file` -> `f_path` (embedded `struct path`) -> `dentry`.
     pub file_f_path_dentry: u32,
+    /// `struct file` -> `f_mode` (`fmode_t`, 4 bytes).
     pub file_f_mode: u32,
+    /// `struct inode` -> `i_ino` (`unsigned long`, 8 bytes).
     pub inode_i_ino: u32,
+    /// `struct inode` -> `i_sb` (`struct super_block *`).
     pub inode_i_sb: u32,
+    /// `struct super_block` -> `s_dev` (`dev_t`, 4 bytes).
     pub super_block_s_dev: u32,
+    /// `struct dentry` -> `d_parent` (`struct dentry *`).
     pub dentry_d_parent: u32,
+    /// `struct dentry` -> `d_name` (embedded `struct qstr`) -> `name`.
     pub dentry_d_name_name: u32,
+    /// `struct dentry` -> `d_name` -> `len` (4 bytes).
     pub dentry_d_name_len: u32,
+    /// `struct dentry` -> `d_inode` (`struct inode *`).
     pub dentry_d_inode: u32,
 }
 

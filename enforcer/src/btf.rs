@@ -27,30 +27,8 @@ const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Nested names (`f_path.dentry`, `d_name.name`) are the sum of the
 /// embedded struct's offset and the field's offset inside it, so the
 /// program reads them with one load from the outer struct.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileOffsets {
-    /// `struct file` -> `f_inode` (`struct inode *`).
-    pub file_f_inode: u32,
-    /// `struct file` -> `f_path` (embedded `struct path`) -> `dentry`.
-    pub file_f_path_dentry: u32,
-    /// `struct file` -> `f_mode` (`fmode_t`, 4 bytes).
-    pub file_f_mode: u32,
-    /// `struct inode` -> `i_ino` (`unsigned long`, 8 bytes).
-    pub inode_i_ino: u32,
-    /// `struct inode` -> `i_sb` (`struct super_block *`).
-    pub inode_i_sb: u32,
-    /// `struct super_block` -> `s_dev` (`dev_t`, 4 bytes).
-    pub super_block_s_dev: u32,
-    /// `struct dentry` -> `d_parent` (`struct dentry *`).
-    pub dentry_d_parent: u32,
-    /// `struct dentry` -> `d_name` (embedded `struct qstr`) -> `name`.
-    pub dentry_d_name_name: u32,
-    /// `struct dentry` -> `d_name` -> `len` (4 bytes, inside anonymous
-    /// members of `struct qstr`).
-    pub dentry_d_name_len: u32,
-    /// `struct dentry` -> `d_inode` (`struct inode *`).
-    pub dentry_d_inode: u32,
-}
+/// The offsets are the shared type the kernel program reads them as.
+pub type FileOffsets = enforcer_common::KernelOffsets;
 
 /// Why the offsets could not be read; each names what the kernel lacks or
 /// which struct and field changed shape, so an operator can tell a kernel

@@ -878,18 +878,6 @@ fn rule_table(profiles: &ProfileSet) -> Result<(Vec<RuleInfo>, BTreeMap<String, 
 /// Kernel struct offsets for the file program, from the running kernel's BTF.
 fn kernel_offsets() -> std::result::Result<enforcer_common::KernelOffsets, String> {
     crate::btf::file_offsets()
-        .map(|o| enforcer_common::KernelOffsets {
-            file_f_inode: o.file_f_inode,
-            file_f_path_dentry: o.file_f_path_dentry,
-            file_f_mode: o.file_f_mode,
-            inode_i_ino: o.inode_i_ino,
-            inode_i_sb: o.inode_i_sb,
-            super_block_s_dev: o.super_block_s_dev,
-            dentry_d_parent: o.dentry_d_parent,
-            dentry_d_name_name: o.dentry_d_name_name,
-            dentry_d_name_len: o.dentry_d_name_len,
-            dentry_d_inode: o.dentry_d_inode,
-        })
         .map_err(|e| format!("kernel struct offsets for file rules are unknown: {e}"))
 }
 

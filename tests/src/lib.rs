@@ -83,8 +83,8 @@ impl Sandbox {
         cmd
     }
 
-    /// `enforcer run --rules R --log L --profile P [extra] -- agent...`
-    pub fn run(&self, profile: &str, extra: &[&str], agent: &[&str]) -> Output {
+    /// The command `enforcer run --rules R --log L --profile P [extra] -- agent...`.
+    pub fn run_command(&self, profile: &str, extra: &[&str], agent: &[&str]) -> Command {
         let rules = self.rules();
         let log = self.log();
         let mut args = vec![
@@ -99,9 +99,27 @@ impl Sandbox {
         args.extend_from_slice(extra);
         args.push("--");
         args.extend_from_slice(agent);
-        let out = self.enforcer(&args).output().expect("running enforcer");
+        self.enforcer(&args)
+    }
+
+    /// Start a session in the background, its stdout piped.
+    pub fn spawn(&self, profile: &str, agent: &[&str]) -> Spawned {
+        Spawned(
+            self.run_command(profile, &[], agent)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting enforcer run"),
+        )
+    }
+
+    /// Run a session to its end.
+    pub fn run(&self, profile: &str, extra: &[&str], agent: &[&str]) -> Output {
+        let out = self
+            .run_command(profile, extra, agent)
+            .output()
+            .expect("running enforcer");
         eprintln!(
-            "enforcer {args:?}: {}\nstdout: {}\nstderr: {}",
+            "enforcer run --profile {profile} {extra:?} -- {agent:?}: {}\nstdout: {}\nstderr: {}",
             out.status,
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)

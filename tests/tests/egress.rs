@@ -250,25 +250,7 @@ fn processes_outside_the_session_are_unaffected() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
     let (_l, addr) = listen("127.0.0.2:0");
-    let rules = sb.rules();
-    let log = sb.log();
-    let mut agent = Spawned(
-        sb.enforcer(&[
-            "run",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--profile",
-            "denylist",
-            "--",
-            "sleep",
-            "3",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap(),
-    );
+    let mut agent = sb.spawn("denylist", &["sleep", "3"]);
     // Wait until the session is live (its programs are attached).
     let deadline = Instant::now() + Duration::from_secs(10);
     while !session_is_live() {
@@ -350,7 +332,8 @@ fn host_name_rules_resolve_and_follow_address_changes() {
     );
     let resolver = dns.addr().to_string();
     let marks = tempfile::tempdir().unwrap();
-    let (resolved, changed) = (marks.path().join("resolved"), marks.path().join("changed"));
+    let (resolved_mark, changed_mark) =
+        (marks.path().join("resolved"), marks.path().join("changed"));
     // Resolved at load: the agent is denied the name's address. After the
     // name moves (TTL 1 s, re-resolved within a few seconds), the old
     // address is reachable and the new one denied. The agent polls rather
@@ -361,19 +344,19 @@ fn host_name_rules_resolve_and_follow_address_changes() {
          n=0; while [ $n -lt 300 ]; do r=$({probe} tcp 127.0.20.1:5432); [ \"$r\" = ok ] && break; n=$((n+1)); sleep 0.1; done; \
          echo $r; {probe} tcp 127.0.20.2:5432",
         probe = probe_bin(),
-        resolved = path_str(&resolved),
-        changed = path_str(&changed),
+        resolved = path_str(&resolved_mark),
+        changed = path_str(&changed_mark),
     );
     let (_l1, _) = listen("127.0.20.1:5432");
     let (_l2, _) = listen("127.0.20.2:5432");
     let dns_mover = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_mins(2);
-        while !resolved.exists() {
+        while !resolved_mark.exists() {
             assert!(Instant::now() < deadline, "the agent never ran");
             std::thread::sleep(Duration::from_millis(50));
         }
         dns.set_a("db.test", &[Ipv4Addr::new(127, 0, 20, 2)], 1);
-        std::fs::write(&changed, "").unwrap();
+        std::fs::write(&changed_mark, "").unwrap();
         dns
     });
     let out = sb.run("named", &["--resolver", &resolver], &["sh", "-c", &script]);

@@ -6,7 +6,7 @@ use std::{
     fs,
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -173,65 +173,32 @@ fn directory_rule_covers_later_files_nested_files_and_a_renamed_parent() {
         return;
     }
     let t = Tree::new();
-    fs::create_dir_all(t.path("vault/a/b")).unwrap();
+    let old = t.write("vault/a/old");
     let sb = Sandbox::new();
-    sb.profile("p", &profile("p", &[&format!("{}/", t.p("vault"))], &[]));
-    let rules = sb.rules();
-    let log = sb.log();
-    // The agent waits; meanwhile a file appears; then (outside the session)
-    // the protected directory is renamed.
-    let script = format!(
-        "while [ ! -e {ready} ]; do sleep 0.1; done; {probe} open {new}; {probe} read-dir {vault}; \
-         touch {step}; while [ ! -e {moved_mark} ]; do sleep 0.1; done; {probe} open {moved}/a/b/new",
-        ready = t.p("ready"),
-        new = t.p("vault/a/b/new"),
-        vault = t.p("vault"),
-        step = t.p("step"),
-        moved_mark = t.p("moved-mark"),
-        moved = t.p("moved"),
-        probe = probe_bin()
+    let rule = format!("{}/", t.p("vault"));
+    sb.profile("p", &profile("p", &[&rule], &[]));
+    let probe = probe_bin();
+    let lines = with_pause(
+        &sb,
+        "p",
+        &format!("{probe} open {old}; {probe} read-dir {}", t.p("vault")),
+        // After the rules are loaded, outside the session: a new nested file
+        // appears, then the protected directory is renamed.
+        || {
+            t.write("vault/a/b/new");
+            fs::rename(t.path("vault"), t.path("moved")).unwrap();
+        },
+        &format!(
+            "{probe} open {}; {probe} open {}",
+            t.p("moved/a/b/new"),
+            t.p("moved/a/old")
+        ),
     );
-    let agent = Spawned(
-        sb.enforcer(&[
-            "run",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--profile",
-            "p",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap(),
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    t.write("vault/a/b/new");
-    t.write("ready");
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while !t.path("step").exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not get to its second step"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    fs::rename(t.path("vault"), t.path("moved")).unwrap();
-    t.write("moved-mark");
-    let out = wait_output(agent, Duration::from_mins(1));
-    assert_eq!(out, ["eperm"; 3]);
+    assert_eq!(lines, ["eperm"; 4]);
     let records = sb.records();
     let opens = opens(&records);
-    assert_eq!(opens.len(), 3);
-    assert!(
-        opens
-            .iter()
-            .all(|r| r["rule"]["text"] == format!("{}/", t.p("vault")))
-    );
+    assert_eq!(opens.len(), 4);
+    assert!(opens.iter().all(|r| r["rule"]["text"] == rule));
 }
 
 /// Run `first` in a session, pause the agent while the test does `outside`
@@ -251,26 +218,7 @@ fn with_pause(
         paused = path_str(&paused),
         resume = path_str(&resume),
     );
-    let rules = sb.rules();
-    let log = sb.log();
-    let agent = Spawned(
-        sb.enforcer(&[
-            "run",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--profile",
-            profile,
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap(),
-    );
+    let agent = sb.spawn(profile, &["sh", "-c", &script]);
     let deadline = Instant::now() + Duration::from_mins(1);
     while !paused.exists() {
         assert!(Instant::now() < deadline, "the agent never paused");
@@ -456,31 +404,12 @@ fn processes_outside_the_session_read_normally() {
     let secret = t.write("secret");
     let sb = Sandbox::new();
     sb.profile("p", &profile("p", &[&secret], &[]));
-    let rules = sb.rules();
-    let log = sb.log();
     let script = format!(
         "while [ ! -e {ready} ]; do sleep 0.1; done; {probe} open {secret}",
         ready = t.p("ready"),
         probe = probe_bin()
     );
-    let agent = Spawned(
-        sb.enforcer(&[
-            "run",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--profile",
-            "p",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap(),
-    );
+    let agent = sb.spawn("p", &["sh", "-c", &script]);
     std::thread::sleep(Duration::from_millis(500));
     // The session is live; we are outside it.
     assert_eq!(fs::read_to_string(&secret).unwrap(), "secret\n");

@@ -154,6 +154,66 @@ fn line_of(text: &str, span: &Range<usize>) -> usize {
     text[..span.start.min(text.len())].matches('\n').count() + 1
 }
 
+/// Parse a section's `deny` and `allow` entries with `T::parse`, keeping
+/// each entry's origin; bad entries become errors naming file, line and key.
+fn entries<T: EntryTarget, R>(
+    file: &str,
+    text: &str,
+    deny: Vec<Spanned<String>>,
+    allow: Vec<Spanned<String>>,
+    section: &str,
+    errors: &mut Vec<RuleError>,
+    make: impl Fn(Action, T, String, Origin) -> R,
+) -> Vec<R> {
+    let mut out = Vec::new();
+    for (action, list, list_key) in [
+        (Action::Deny, deny, "deny"),
+        (Action::Allow, allow, "allow"),
+    ] {
+        for (i, entry) in list.into_iter().enumerate() {
+            let line = line_of(text, &entry.span());
+            let key = format!("{section}.{list_key}[{i}]");
+            let entry = entry.into_inner();
+            match T::parse_entry(&entry) {
+                Ok(target) => out.push(make(
+                    action,
+                    target,
+                    entry,
+                    Origin {
+                        file: file.to_owned(),
+                        line,
+                        key,
+                    },
+                )),
+                Err(message) => errors.push(RuleError {
+                    file: file.to_owned(),
+                    line,
+                    key,
+                    message,
+                }),
+            }
+        }
+    }
+    out
+}
+
+/// What a rule entry parses into: a network target or a file target.
+trait EntryTarget: Sized {
+    fn parse_entry(text: &str) -> Result<Self, String>;
+}
+
+impl EntryTarget for Target {
+    fn parse_entry(text: &str) -> Result<Self, String> {
+        Target::parse(text)
+    }
+}
+
+impl EntryTarget for FileTarget {
+    fn parse_entry(text: &str) -> Result<Self, String> {
+        FileTarget::parse(text)
+    }
+}
+
 /// The innermost key a TOML error talks about, from its message (the toml
 /// crate says "unknown field `x`" or "missing field `x`").
 fn key_in_message(message: &str) -> String {
@@ -200,56 +260,38 @@ impl Profile {
                 default_origin.line = line_of(text, &d.span());
                 default = d.into_inner();
             }
-            for (action, list, key) in [
-                (Action::Deny, network.deny, "network.deny"),
-                (Action::Allow, network.allow, "network.allow"),
-            ] {
-                for (i, entry) in list.into_iter().enumerate() {
-                    let line = line_of(text, &entry.span());
-                    let key = format!("{key}[{i}]");
-                    let entry = entry.into_inner();
-                    match Target::parse(&entry) {
-                        Ok(target) => rules.push(NetRule {
-                            action,
-                            target,
-                            text: entry,
-                            origin: Origin {
-                                file: file.to_owned(),
-                                line,
-                                key,
-                            },
-                        }),
-                        Err(why) => errors.push(err(line, &key, why)),
-                    }
-                }
-            }
+            rules = entries(
+                file,
+                text,
+                network.deny,
+                network.allow,
+                "network",
+                &mut errors,
+                |action, target, text, origin| NetRule {
+                    action,
+                    target,
+                    text,
+                    origin,
+                },
+            );
         }
-        let mut file_rules = Vec::new();
-        if let Some(files) = parsed.files {
-            for (action, list, key) in [
-                (Action::Deny, files.deny, "files.deny"),
-                (Action::Allow, files.allow, "files.allow"),
-            ] {
-                for (i, entry) in list.into_iter().enumerate() {
-                    let line = line_of(text, &entry.span());
-                    let key = format!("{key}[{i}]");
-                    let entry = entry.into_inner();
-                    match FileTarget::parse(&entry) {
-                        Ok(target) => file_rules.push(FileRule {
-                            action,
-                            target,
-                            text: entry,
-                            origin: Origin {
-                                file: file.to_owned(),
-                                line,
-                                key,
-                            },
-                        }),
-                        Err(why) => errors.push(err(line, &key, why)),
-                    }
-                }
-            }
-        }
+        let file_rules = match parsed.files {
+            Some(files) => entries(
+                file,
+                text,
+                files.deny,
+                files.allow,
+                "files",
+                &mut errors,
+                |action, target, text, origin| FileRule {
+                    action,
+                    target,
+                    text,
+                    origin,
+                },
+            ),
+            None => Vec::new(),
+        };
         if errors.is_empty() {
             Ok(Profile {
                 name,

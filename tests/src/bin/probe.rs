@@ -230,7 +230,7 @@ fn print_identity() {
     println!("uid={uid} nnp={nnp} cgroup={cgroup}");
 }
 
-/// `openat` through io_uring: the kernel opens the file on our behalf.
+/// `openat` through `io_uring`: the kernel opens the file on our behalf.
 fn uring_open(path: &str) -> io::Result<()> {
     let c_path = std::ffi::CString::new(path).map_err(io::Error::other)?;
     let mut ring = io_uring::IoUring::new(2)?;
