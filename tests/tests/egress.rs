@@ -554,7 +554,18 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
         .find(|r| r["text"] == "127.0.0.2")
         .unwrap();
     assert_eq!(rule["hits"], 1);
-    assert_eq!(status["programs"].as_array().unwrap().len(), 4);
+    // The four socket programs; with BPF LSM, the three file programs too.
+    let programs: Vec<&str> = status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let mut expected = vec!["connect4", "connect6", "sendmsg4", "sendmsg6"];
+    if status["features"]["file_rules"] == "enforced" {
+        expected.extend(["file_open", "inode_rename", "inode_link"]);
+    }
+    assert_eq!(programs, expected);
 
     let logs = sb
         .enforcer(&["logs", "--log", path_str(&log)])
