@@ -662,11 +662,21 @@ impl State {
         Ok((id, None))
     }
 
-    fn file_record(&self, event: &FileEvent, clock: &Clock, mounts: &Mounts) -> log::Record {
-        let session = self.sessions.get(&event.session_cgroup);
-        let rule_info = (event.rule_id != NO_RULE)
-            .then(|| self.rules.get(event.rule_id as usize))
+    /// Who a kernel event is about: its session, and the rule that decided
+    /// (none when the profile's default or a fail-closed check did).
+    fn attribution(
+        &self,
+        session_cgroup: u64,
+        rule_id: u32,
+    ) -> (Option<&LiveSession>, Option<&RuleInfo>) {
+        let rule = (rule_id != NO_RULE)
+            .then(|| self.rules.get(rule_id as usize))
             .flatten();
+        (self.sessions.get(&session_cgroup), rule)
+    }
+
+    fn file_record(&self, event: &FileEvent, clock: &Clock, mounts: &Mounts) -> log::Record {
+        let (session, rule_info) = self.attribution(event.session_cgroup, event.rule_id);
         log::Record {
             ts: clock.wall_time(event.boot_ns),
             profile: rule_info
@@ -682,12 +692,7 @@ impl State {
                 _ => "open",
             }
             .into(),
-            verdict: if event.verdict == VERDICT_AUDIT {
-                "audit"
-            } else {
-                "deny"
-            }
-            .into(),
+            verdict: verdict_name(event.verdict),
             target: mounts.path(event),
             proto: "file".into(),
             mode: match event.mode {
@@ -709,10 +714,7 @@ impl State {
     }
 
     fn net_record(&self, event: &NetEvent, clock: &Clock) -> log::Record {
-        let session = self.sessions.get(&event.session_cgroup);
-        let rule_info = (event.rule_id != NO_RULE)
-            .then(|| self.rules.get(event.rule_id as usize))
-            .flatten();
+        let (session, rule_info) = self.attribution(event.session_cgroup, event.rule_id);
         let profile = session.map(|s| s.grant.profile.clone());
         let rule = match (rule_info, &profile) {
             (Some(info), _) => info.rule.clone(),
@@ -748,12 +750,7 @@ impl State {
                 "sendmsg"
             }
             .into(),
-            verdict: if event.verdict == VERDICT_AUDIT {
-                "audit"
-            } else {
-                "deny"
-            }
-            .into(),
+            verdict: verdict_name(event.verdict),
             target: SocketAddr::new(addr, event.port).to_string(),
             proto: match event.proto {
                 PROTO_TCP => "tcp".into(),
@@ -765,6 +762,15 @@ impl State {
             rule,
         }
     }
+}
+
+fn verdict_name(verdict: u8) -> String {
+    if verdict == VERDICT_AUDIT {
+        "audit"
+    } else {
+        "deny"
+    }
+    .into()
 }
 
 fn event_kind(bytes: &[u8]) -> Option<u32> {
