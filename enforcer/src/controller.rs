@@ -718,14 +718,10 @@ impl State {
         let profile = session.map(|s| s.grant.profile.clone());
         let rule = match (rule_info, &profile) {
             (Some(info), _) => info.rule.clone(),
-            (None, Some(p)) => {
-                let origin = &self.profiles.profiles[p].default_origin;
-                log::RuleRef {
-                    file: origin.file.clone(),
-                    line: origin.line,
-                    text: "default = \"deny\"".into(),
-                }
-            }
+            (None, Some(p)) => log::RuleRef::at(
+                &self.profiles.profiles[p].default_origin,
+                "default = \"deny\"",
+            ),
             (None, None) => log::RuleRef {
                 file: String::new(),
                 line: 0,
@@ -854,11 +850,7 @@ fn rule_table(profiles: &ProfileSet) -> Result<(Vec<RuleInfo>, BTreeMap<String, 
         for r in &profile.rules {
             rules.push(RuleInfo {
                 profile: profile.name.clone(),
-                rule: log::RuleRef {
-                    file: r.origin.file.clone(),
-                    line: r.origin.line,
-                    text: r.text.clone(),
-                },
+                rule: log::RuleRef::at(&r.origin, &r.text),
                 host: match &r.target.host {
                     Host::Name(n) => Some(n.clone()),
                     Host::Net(_) => None,
@@ -869,11 +861,7 @@ fn rule_table(profiles: &ProfileSet) -> Result<(Vec<RuleInfo>, BTreeMap<String, 
         for r in &profile.file_rules {
             rules.push(RuleInfo {
                 profile: profile.name.clone(),
-                rule: log::RuleRef {
-                    file: r.origin.file.clone(),
-                    line: r.origin.line,
-                    text: r.text.clone(),
-                },
+                rule: log::RuleRef::at(&r.origin, &r.text),
                 host: None,
             });
         }

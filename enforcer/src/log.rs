@@ -23,6 +23,17 @@ pub struct RuleRef {
     pub text: String,
 }
 
+impl RuleRef {
+    /// The rule `text` found at `origin`.
+    pub fn at(origin: &crate::policy::profile::Origin, text: &str) -> RuleRef {
+        RuleRef {
+            file: origin.file.clone(),
+            line: origin.line,
+            text: text.to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     /// RFC 3339, UTC.

@@ -415,21 +415,8 @@ fn builtin_default_profile_denies_cloud_metadata() {
 fn sudo_user_runs_unprivileged_with_no_new_privs() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    let rules = sb.rules();
-    let log = sb.log();
     let out = sb
-        .enforcer(&[
-            "run",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--profile",
-            "denylist",
-            "--",
-            probe_bin(),
-            "id",
-        ])
+        .run_command("denylist", &[], &[probe_bin(), "id"])
         .env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
         .output()
@@ -447,8 +434,6 @@ fn sudo_user_runs_unprivileged_with_no_new_privs() {
 fn unprivileged_agent_cannot_leave_its_cgroup() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    let rules = sb.rules();
-    let log = sb.log();
     // As the sudo user, try to move into the root cgroup, then connect.
     let script = format!(
         "mount=$(awk '$3==\"cgroup2\"{{print $2}}' /proc/mounts); \
@@ -456,19 +441,7 @@ fn unprivileged_agent_cannot_leave_its_cgroup() {
         probe_bin()
     );
     let out = sb
-        .enforcer(&[
-            "run",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--profile",
-            "denylist",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ])
+        .run_command("denylist", &[], &["sh", "-c", &script])
         .env("SUDO_UID", "65534")
         .env("SUDO_GID", "65534")
         .output()
@@ -554,18 +527,7 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
         .find(|r| r["text"] == "127.0.0.2")
         .unwrap();
     assert_eq!(rule["hits"], 1);
-    // The four socket programs; with BPF LSM, the three file programs too.
-    let programs: Vec<&str> = status["programs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap())
-        .collect();
-    let mut expected = vec!["connect4", "connect6", "sendmsg4", "sendmsg6"];
-    if status["features"]["file_rules"] == "enforced" {
-        expected.extend(["file_open", "inode_rename", "inode_link"]);
-    }
-    assert_eq!(programs, expected);
+    assert_programs(&status);
 
     let logs = sb
         .enforcer(&["logs", "--log", path_str(&log)])
@@ -593,6 +555,22 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGTERM) };
     assert!(daemon.0.wait().unwrap().success());
     assert_eq!(sb.records().len(), 1);
+}
+
+/// The four socket programs are attached; with BPF LSM, the three file
+/// programs too.
+fn assert_programs(status: &Value) {
+    let programs: Vec<&str> = status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let mut expected = vec!["connect4", "connect6", "sendmsg4", "sendmsg6"];
+    if status["features"]["file_rules"] == "enforced" {
+        expected.extend(["file_open", "inode_rename", "inode_link"]);
+    }
+    assert_eq!(programs, expected);
 }
 
 #[test]
