@@ -26,6 +26,7 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const RULE_HITS: &str = "RULE_HITS";
     pub const FILE_INODES: &str = "FILE_INODES";
+    pub const DNS_ORIGINAL: &str = "DNS_ORIGINAL";
     pub const NAME_PREFIX: &str = "NAME_PREFIX";
     pub const NAME_SUFFIX: &str = "NAME_SUFFIX";
 }
@@ -60,16 +61,27 @@ pub enum Counter {
     /// Reading a kernel struct in `file_open` failed; the open was denied
     /// (fail closed).
     FileReadFailed = 5,
+    /// DNS queries (port 53) steered to the session's DNS proxy.
+    DnsSteered = 6,
+    /// DNS queries denied because the session has no proxy for their
+    /// address family (fail closed).
+    DnsNoProxy = 7,
+    /// The original resolver of a steered UDP query could not be recorded,
+    /// so its reply comes back from the proxy's address.
+    DnsOriginalLost = 8,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 9] = [
         Counter::EventsLost,
         Counter::UnknownSession,
         Counter::Denied,
         Counter::Audited,
         Counter::RuleHitOutOfRange,
         Counter::FileReadFailed,
+        Counter::DnsSteered,
+        Counter::DnsNoProxy,
+        Counter::DnsOriginalLost,
     ];
     #[expect(clippy::cast_possible_truncation, reason = "a handful of counters")]
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -82,6 +94,9 @@ impl Counter {
             Counter::Audited => "audited",
             Counter::RuleHitOutOfRange => "rule_hit_out_of_range",
             Counter::FileReadFailed => "file_read_failed_denied",
+            Counter::DnsSteered => "dns_steered",
+            Counter::DnsNoProxy => "dns_no_proxy_denied",
+            Counter::DnsOriginalLost => "dns_original_lost",
         }
     }
 }
@@ -101,7 +116,11 @@ pub struct Session {
     pub flags: u32,
     /// File policy for `FILE_INODES` and the name tries; 0: no file rules.
     pub file_policy: u32,
-    pub _pad: u32,
+    /// Port of the session's DNS proxy on 127.0.0.1 and on `::1`, where
+    /// every query to port 53 is steered; 0: none for that family, and
+    /// such queries are denied.
+    pub dns_port_v4: u16,
+    pub dns_port_v6: u16,
 }
 
 impl Session {
@@ -121,6 +140,7 @@ mod pod {
     unsafe impl aya::Pod for super::net::RuleList {}
     unsafe impl aya::Pod for super::net::V4Key {}
     unsafe impl aya::Pod for super::net::V6Key {}
+    unsafe impl aya::Pod for super::net::OriginalDest {}
     unsafe impl aya::Pod for super::file::InodeKey {}
     unsafe impl aya::Pod for super::file::InodeRule {}
     unsafe impl aya::Pod for super::file::NameKey {}

@@ -134,6 +134,24 @@ pub struct V6Key {
 /// Prefix bits taken by the profile id in every key.
 pub const PROFILE_PREFIX_BITS: u32 = 32;
 
+/// The DNS port: queries to it from a session are steered to its proxy.
+pub const DNS_PORT: u16 = 53;
+
+/// Where a steered UDP DNS query was sent, keyed by the socket's cookie, so
+/// the reply's source can be set back to it (resolvers drop replies that
+/// come from an address they did not ask).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDest {
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// 4 or 6 (an IPv4-mapped destination on an IPv6 socket is 4).
+    pub family: u8,
+    pub _pad: u8,
+}
+
 pub const OP_CONNECT: u8 = 1;
 pub const OP_SENDMSG: u8 = 2;
 
@@ -182,6 +200,7 @@ const _: () = assert!(size_of::<V4Key>() == 8);
 const _: () = assert!(size_of::<V6Key>() == 20);
 const _: () = assert!(size_of::<NetEvent>() == 8 + 8 + 8 + 16 + 8 + 16 + 16);
 const _: () = assert!(size_of::<super::Session>() == 16);
+const _: () = assert!(size_of::<OriginalDest>() == 20);
 
 #[cfg(test)]
 mod tests {

@@ -44,6 +44,16 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     net::judge_v6(&ctx, OP_SENDMSG)
 }
 
+#[cgroup_sock_addr(recvmsg4)]
+pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+    net::restore_dns_source_v4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+    net::restore_dns_source_v6(&ctx)
+}
+
 #[lsm(hook = "file_open")]
 pub fn file_open(ctx: LsmContext) -> i32 {
     file::judge_open(&ctx)

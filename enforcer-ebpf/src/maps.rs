@@ -4,10 +4,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use enforcer_common::{
-    Counter, InodeKey, InodeRule, NameKey, NameRule, RuleList, Session, V4Key, V6Key,
+    Counter, InodeKey, InodeRule, NameKey, NameRule, OriginalDest, RuleList, Session, V4Key, V6Key,
 };
 
 /// Session cgroup id -> the profile and mode that apply to it.
@@ -43,6 +43,11 @@ pub static NAME_SUFFIX: LpmTrie<NameKey, NameRule> =
 #[map]
 pub static NAME_SCRATCH: PerCpuArray<crate::file::NameScratch> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Socket cookie -> where its last steered UDP DNS query was sent. LRU: an
+/// evicted entry only leaves a reply coming from the proxy's address.
+#[map]
+pub static DNS_ORIGINAL: LruHashMap<u64, OriginalDest> = LruHashMap::with_max_entries(1 << 16, 0);
 
 /// Denial and audit events for the controller.
 #[map]

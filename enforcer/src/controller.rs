@@ -25,6 +25,11 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     cgroup::{self, Hierarchy},
+    dns::{
+        learned::Learned,
+        names::{self, NameVerdict},
+        proxy::{Found, Proxy, SessionRef, Stats, StatsSnapshot},
+    },
     kernel::{self, Kernel, Scope},
     log,
     policy::{Action, Mode, Profile, ProfileSet, compile, files, target::Host},
@@ -41,6 +46,11 @@ pub struct Config {
     /// Install only these profiles (an embedded controller needs one);
     /// `None` installs every profile.
     pub only_profiles: Option<Vec<String>>,
+    /// Addresses learned from DNS answers stay at least this long, however
+    /// short the answer's TTL.
+    pub dns_ttl_floor: Duration,
+    /// At most this many learned (address, rule) entries over all profiles.
+    pub dns_learned_max: usize,
 }
 
 /// Where a session lives, handed to whoever starts the agent.
@@ -71,6 +81,8 @@ struct RuleInfo {
 
 struct LiveSession {
     grant: Grant,
+    /// Serves the session's steered DNS queries; stops when dropped.
+    _proxy: Proxy,
     /// False once the `enforcer run` that asked for it has gone: the session
     /// ends when its cgroup empties.
     attached: bool,
@@ -91,6 +103,10 @@ struct State {
     /// File policy id per (profile, home directory): `~` in file rules is
     /// the home of the user the agent runs as.
     file_policies: BTreeMap<(String, PathBuf), u32>,
+    learned: Learned,
+    dns_ttl_floor: Duration,
+    /// Where session proxies forward queries; `None`: nowhere (SERVFAIL).
+    dns_upstream: Option<SocketAddr>,
 }
 
 #[derive(Clone)]
@@ -99,6 +115,7 @@ pub struct Controller {
     /// Locked before `state` whenever both are needed.
     events: Arc<Mutex<RingBuf<MapData>>>,
     resolver: Arc<Resolver>,
+    dns_stats: Arc<Stats>,
 }
 
 /// The root of every enforcer instance cgroup.
@@ -121,6 +138,13 @@ impl Controller {
             }
         }
         let resolver = Resolver::new(config.resolver)?;
+        let dns_upstream = config.resolver.or_else(crate::resolve::system_upstream);
+        if dns_upstream.is_none() {
+            tracing::warn!(
+                "no upstream DNS server (none in /etc/resolv.conf, no --resolver): DNS queries \
+                 from sessions are answered SERVFAIL"
+            );
+        }
 
         let hierarchy = Hierarchy::find()?;
         let root = enforcer_root(&hierarchy);
@@ -159,6 +183,9 @@ impl Controller {
             next_session: 1,
             kind: config.kind,
             file_policies: BTreeMap::new(),
+            learned: Learned::new(config.dns_learned_max),
+            dns_ttl_floor: config.dns_ttl_floor,
+            dns_upstream,
         };
         let wanted: Vec<String> = config
             .only_profiles
@@ -183,6 +210,7 @@ impl Controller {
             state: Arc::new(Mutex::new(state)),
             events: Arc::new(Mutex::new(events)),
             resolver: Arc::new(resolver),
+            dns_stats: Arc::new(Stats::default()),
         };
         controller.spawn_event_reader()?;
         controller.spawn_refresher();
@@ -227,13 +255,30 @@ impl Controller {
         let path = state.instance_dir.join(&name);
         cgroup::create_dir(&path)?;
         let cgroup_id = cgroup::id(&path)?;
+        let proxy = Proxy::start(
+            self.clone(),
+            SessionRef {
+                name: name.clone(),
+                profile: profile.to_owned(),
+                audit: flags & SESSION_AUDIT != 0,
+            },
+            state.dns_upstream,
+        );
+        let proxy = match proxy {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = cgroup::remove_tree(&path);
+                bail!("starting the session's DNS proxy on 127.0.0.1 and ::1: {e}");
+            }
+        };
         if let Err(e) = state.kernel.set_session(
             cgroup_id,
             Session {
                 profile_id,
                 flags,
                 file_policy,
-                _pad: 0,
+                dns_port_v4: proxy.port_v4,
+                dns_port_v6: proxy.port_v6,
             },
         ) {
             let _ = cgroup::remove_tree(&path);
@@ -255,6 +300,7 @@ impl Controller {
             cgroup_id,
             LiveSession {
                 grant: grant.clone(),
+                _proxy: proxy,
                 attached: true,
                 started: jiff::Timestamp::now().to_string(),
             },
@@ -397,6 +443,7 @@ impl Controller {
             loop {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 controller.refresh_expired().await;
+                controller.expire_learned();
             }
         });
     }
@@ -446,6 +493,118 @@ impl Controller {
                     tracing::error!("updating rules of profile {profile} failed: {e:#}");
                 }
             }
+        }
+    }
+
+    /// Drop learned addresses whose answers have expired.
+    fn expire_learned(&self) {
+        let mut state = self.state();
+        let changed = state.learned.expire(std::time::Instant::now());
+        for profile in changed {
+            if let Err(e) = state.apply(&profile) {
+                tracing::error!("removing expired DNS addresses of profile {profile}: {e:#}");
+            }
+        }
+    }
+
+    pub fn dns_stats(&self) -> &Stats {
+        &self.dns_stats
+    }
+
+    /// What the session's profile says about a query along `chain`.
+    pub fn judge_name(&self, session: &SessionRef, chain: &[String]) -> NameVerdict {
+        let state = self.state();
+        match state.profiles.get(&session.profile) {
+            Some(profile) => names::judge(profile, chain),
+            None => NameVerdict::Refuse(None),
+        }
+    }
+
+    /// Learn the addresses of an answer for the rules naming its chain, and
+    /// install them in the kernel before returning, so the agent's first
+    /// connect after the answer is judged by them. On failure nothing new is
+    /// left in force.
+    pub fn learn(&self, session: &SessionRef, found: &Found, only_denials: bool) -> Result<()> {
+        if found.addresses.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state();
+        let Some(profile) = state.profiles.get(&session.profile) else {
+            bail!("profile `{}` is no longer loaded", session.profile);
+        };
+        let keys = names::learned_keys(profile, &found.chain, only_denials);
+        let ttl = Duration::from_secs(found.ttl.into()).max(state.dns_ttl_floor);
+        let expires = std::time::Instant::now() + ttl;
+        let mut added = Vec::new();
+        let mut changed = BTreeSet::new();
+        for key in &keys {
+            for addr in &found.addresses {
+                let c = state
+                    .learned
+                    .learn(&session.profile, key, &found.chain[0], *addr, expires);
+                if c.contains(&session.profile) {
+                    added.push((key, *addr));
+                }
+                changed.extend(c);
+            }
+        }
+        for name in changed {
+            if let Err(e) = state.apply(&name) {
+                if name != session.profile {
+                    tracing::error!("updating rules of profile {name} after an eviction: {e:#}");
+                    continue;
+                }
+                for (key, addr) in &added {
+                    state.learned.forget(&session.profile, key, *addr);
+                }
+                let _ = state.apply(&name);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Log a DNS query the session's profile denies.
+    pub fn log_dns_refusal(
+        &self,
+        session: &SessionRef,
+        name: &str,
+        qtype: &str,
+        rule: Option<usize>,
+    ) {
+        let mut state = self.state();
+        let rule = match (rule, state.installed.get(&session.profile)) {
+            (Some(index), Some(installed)) => state
+                .rules
+                .get(installed.first_rule_id as usize + index)
+                .map(|r| r.rule.clone()),
+            _ => None,
+        };
+        let rule = rule.unwrap_or_else(|| match state.profiles.get(&session.profile) {
+            Some(p) => log::RuleRef::at(&p.default_origin, "default = \"deny\""),
+            None => log::RuleRef {
+                file: String::new(),
+                line: 0,
+                text: "profile no longer loaded".into(),
+            },
+        });
+        let record = log::Record {
+            ts: format!("{:.6}", jiff::Timestamp::now()),
+            profile: Some(session.profile.clone()),
+            session: Some(session.name.clone()),
+            pid: 0,
+            uid: 0,
+            comm: String::new(),
+            op: "dns".into(),
+            verdict: if session.audit { "audit" } else { "deny" }.into(),
+            target: name.to_owned(),
+            proto: qtype.to_owned(),
+            host: Some(name.to_owned()),
+            mode: None,
+            rule,
+        };
+        if let Err(e) = state.log.write(&record) {
+            tracing::error!("{e:#}");
         }
     }
 
@@ -549,6 +708,12 @@ impl Controller {
                 .map(|c| (c.name().to_owned(), state.kernel.counter(*c)))
                 .collect(),
             features: crate::features::detect(state.kernel.file_enforcement.clone()),
+            dns: DnsStatus {
+                upstream: state.dns_upstream.map(|a| a.to_string()),
+                learned: state.learned.len(),
+                learned_evicted: state.learned.evicted,
+                proxy: self.dns_stats.snapshot(),
+            },
         }
     }
 }
@@ -563,7 +728,7 @@ impl State {
             .installed
             .get_mut(name)
             .context("profile not installed")?;
-        let addresses: BTreeMap<String, Vec<IpAddr>> = installed
+        let mut addresses: BTreeMap<String, Vec<IpAddr>> = installed
             .resolutions
             .iter()
             .filter_map(|(host, r)| match &r.answer {
@@ -571,6 +736,9 @@ impl State {
                 _ => None,
             })
             .collect();
+        for (key, learned) in self.learned.addresses(name) {
+            addresses.entry(key).or_default().extend(learned);
+        }
         let compiled = compile::compile(profile, installed.first_rule_id, &addresses)?;
         self.kernel.insert_rules(installed.id, &compiled.entries)?;
         let fresh: BTreeSet<IpNet> = compiled.entries.iter().map(|(n, _)| *n).collect();
@@ -733,6 +901,12 @@ impl State {
         } else {
             IpAddr::from(event.addr)
         };
+        let host = rule_info.and_then(|r| r.host.clone()).or_else(|| {
+            profile
+                .as_deref()
+                .and_then(|p| self.learned.name_of(p, addr))
+                .map(str::to_owned)
+        });
         log::Record {
             ts: clock.wall_time(event.boot_ns),
             profile: rule_info.map(|r| r.profile.clone()).or(profile),
@@ -753,7 +927,7 @@ impl State {
                 PROTO_UDP => "udp".into(),
                 other => other.to_string(),
             },
-            host: rule_info.and_then(|r| r.host.clone()),
+            host,
             mode: None,
             rule,
         }
@@ -851,9 +1025,11 @@ fn rule_table(profiles: &ProfileSet) -> Result<(Vec<RuleInfo>, BTreeMap<String, 
             rules.push(RuleInfo {
                 profile: profile.name.clone(),
                 rule: log::RuleRef::at(&r.origin, &r.text),
+                // A wildcard's name comes from what the address was learned
+                // for.
                 host: match &r.target.host {
                     Host::Name(n) => Some(n.clone()),
-                    Host::Net(_) => None,
+                    Host::Wildcard(_) | Host::Net(_) => None,
                 },
             });
         }
@@ -993,6 +1169,18 @@ pub struct Status {
     pub sessions: Vec<SessionStatus>,
     pub counters: BTreeMap<String, u64>,
     pub features: crate::features::Features,
+    pub dns: DnsStatus,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Where session proxies forward queries.
+    pub upstream: Option<String>,
+    /// (address, rule) entries learned from answers and in force.
+    pub learned: usize,
+    /// Learned entries dropped before expiry to stay under the cap.
+    pub learned_evicted: u64,
+    pub proxy: StatsSnapshot,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

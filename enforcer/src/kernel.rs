@@ -30,7 +30,9 @@ pub const FILE_PROGRAMS: [&str; 3] = ["file_open", "inode_rename", "inode_link"]
 const MAX_FILE_INODES: u32 = 1 << 16;
 
 /// The `cgroup_sock_addr` programs, named after the hooks they attach to.
-pub const NET_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+pub const NET_PROGRAMS: [&str; 6] = [
+    "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

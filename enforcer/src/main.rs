@@ -6,6 +6,7 @@ mod btf;
 mod cgroup;
 mod control;
 mod controller;
+mod dns;
 mod features;
 mod kernel;
 mod log;
@@ -69,9 +70,19 @@ struct ControllerArgs {
     /// Denial log file (JSON Lines) [default: /var/log/enforcer/denials.jsonl]
     #[arg(long)]
     log: Option<PathBuf>,
-    /// DNS server for host-name rules instead of the system's (IP:PORT).
+    /// Upstream DNS server (IP:PORT) for host-name rules and for the DNS
+    /// proxy that sessions' queries are steered to [default: the first
+    /// nameserver in /etc/resolv.conf].
     #[arg(long)]
     resolver: Option<SocketAddr>,
+    /// Addresses learned from DNS answers stay allowed or denied at least
+    /// this many seconds, however short the answer's TTL.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    dns_ttl_floor: u64,
+    /// Most (address, rule) entries learned from DNS answers kept at once;
+    /// past it, those closest to expiry are evicted (and counted).
+    #[arg(long, default_value_t = 65_536, value_name = "N")]
+    dns_learned_max: usize,
 }
 
 #[derive(Args)]
@@ -138,6 +149,8 @@ impl ControllerArgs {
             resolver: self.resolver,
             kind,
             only_profiles,
+            dns_ttl_floor: std::time::Duration::from_secs(self.dns_ttl_floor),
+            dns_learned_max: self.dns_learned_max,
         }
     }
 }
@@ -350,6 +363,19 @@ fn print_status(s: &Status) {
     for (name, value) in &s.counters {
         println!("  {name}: {value}");
     }
+    let d = &s.dns;
+    println!(
+        "dns: upstream {}; {} queries, {} refused, {} servfail, {} dropped; {} learned entries, {} evicted",
+        d.upstream
+            .as_deref()
+            .unwrap_or("NONE (queries answered SERVFAIL)"),
+        d.proxy.queries,
+        d.proxy.refused,
+        d.proxy.servfail,
+        d.proxy.dropped,
+        d.learned,
+        d.learned_evicted
+    );
     println!("profiles:");
     for p in &s.profiles {
         println!(

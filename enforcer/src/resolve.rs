@@ -37,6 +37,13 @@ pub struct Resolution {
     pub refresh_at: Instant,
 }
 
+/// The first DNS server in the system's configuration (/etc/resolv.conf),
+/// where session proxies forward queries unless told otherwise.
+pub fn system_upstream() -> Option<SocketAddr> {
+    let (config, _) = hickory_resolver::system_conf::read_system_conf().ok()?;
+    config.name_servers().first().map(|ns| ns.socket_addr)
+}
+
 pub struct Resolver {
     inner: TokioAsyncResolver,
 }

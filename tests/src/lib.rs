@@ -135,6 +135,47 @@ impl Sandbox {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// Start `enforcer daemon --rules R --log L [extra]` and wait until it
+    /// answers `status`.
+    pub fn daemon(&self, extra: &[&str]) -> Spawned {
+        let rules = self.rules();
+        let log = self.log();
+        let mut args = vec![
+            "daemon",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+        ];
+        args.extend_from_slice(extra);
+        let daemon = Spawned(self.enforcer(&args).spawn().expect("starting the daemon"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !self.socket().exists()
+            || self
+                .enforcer(&["status"])
+                .output()
+                .expect("enforcer status")
+                .stdout
+                .starts_with(b"controller: none")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not come up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        daemon
+    }
+
+    /// `enforcer status --json` of the running daemon.
+    pub fn status(&self) -> Value {
+        let out = self
+            .enforcer(&["status", "--json"])
+            .output()
+            .expect("enforcer status");
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
     /// Every record in the denial log.
     pub fn records(&self) -> Vec<Value> {
         std::fs::read_to_string(self.log())

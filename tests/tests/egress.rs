@@ -81,15 +81,15 @@ fn udp_unconnected_and_connected_are_denied() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
     assert_eq!(
-        sb.probe("denylist", &[], "udp-sendto", "127.0.0.2:53"),
+        sb.probe("denylist", &[], "udp-sendto", "127.0.0.2:5353"),
         "eperm"
     );
     assert_eq!(
-        sb.probe("denylist", &[], "udp-connect", "127.0.0.2:53"),
+        sb.probe("denylist", &[], "udp-connect", "127.0.0.2:5353"),
         "eperm"
     );
     assert_eq!(
-        sb.probe("denylist", &[], "udp-sendto", "127.0.10.200:53"),
+        sb.probe("denylist", &[], "udp-sendto", "127.0.10.200:5353"),
         "eperm"
     );
     let records = sb.records();
@@ -102,7 +102,7 @@ fn udp_unconnected_and_connected_are_denied() {
         [("sendmsg", "udp"), ("connect", "udp"), ("sendmsg", "udp")]
     );
     assert_eq!(
-        sb.probe("denylist", &[], "udp-sendto", "127.0.0.4:53"),
+        sb.probe("denylist", &[], "udp-sendto", "127.0.0.4:5353"),
         "ok"
     );
 }
@@ -116,7 +116,7 @@ fn ipv4_mapped_ipv6_is_judged_by_ipv4_rules() {
         "eperm"
     );
     assert_eq!(
-        sb.probe("denylist", &[], "udp-mapped", "127.0.0.2:53"),
+        sb.probe("denylist", &[], "udp-mapped", "127.0.0.2:5353"),
         "eperm"
     );
     let records = sb.records();
@@ -201,7 +201,7 @@ fn allow_list_profile_reaches_only_what_it_names() {
         "eperm"
     );
     assert_eq!(
-        sb.probe("allowlist", &[], "udp-sendto", "[::1]:53"),
+        sb.probe("allowlist", &[], "udp-sendto", "[::1]:5353"),
         "eperm"
     );
     let records = sb.records();
@@ -453,31 +453,8 @@ fn unprivileged_agent_cannot_leave_its_cgroup() {
 fn daemon_serves_sessions_status_and_keeps_the_log() {
     let sb = Sandbox::new();
     sb.profile("denylist", DENY_LIST);
-    let rules = sb.rules();
     let log = sb.log();
-    let mut daemon = Spawned(
-        sb.enforcer(&[
-            "daemon",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-        ])
-        .spawn()
-        .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sb.socket().exists()
-        || sb
-            .enforcer(&["status"])
-            .output()
-            .unwrap()
-            .stdout
-            .starts_with(b"controller: none")
-    {
-        assert!(Instant::now() < deadline, "the daemon did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut daemon = sb.daemon(&[]);
     // `run` without --rules goes through the daemon.
     let out = sb
         .enforcer(&[
@@ -509,8 +486,7 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot change them per session"));
 
-    let status = sb.enforcer(&["status", "--json"]).output().unwrap();
-    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let status = sb.status();
     assert_eq!(status["controller"], "daemon");
     assert_eq!(status["counters"]["denied"], 1);
     assert_eq!(status["counters"]["events_lost"], 0);
@@ -557,7 +533,7 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
     assert_eq!(sb.records().len(), 1);
 }
 
-/// The four socket programs are attached; with BPF LSM, the three file
+/// The six socket programs are attached; with BPF LSM, the three file
 /// programs too.
 fn assert_programs(status: &Value) {
     let programs: Vec<&str> = status["programs"]
@@ -566,7 +542,9 @@ fn assert_programs(status: &Value) {
         .iter()
         .map(|p| p.as_str().unwrap())
         .collect();
-    let mut expected = vec!["connect4", "connect6", "sendmsg4", "sendmsg6"];
+    let mut expected = vec![
+        "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6",
+    ];
     if status["features"]["file_rules"] == "enforced" {
         expected.extend(["file_open", "inode_rename", "inode_link"]);
     }

@@ -67,8 +67,9 @@ impl Atom {
 }
 
 /// Compile `profile`. Rule `i` of the profile gets id `first_rule_id + i`;
-/// `addresses` holds what each host name currently resolves to (a name with
-/// no entry contributes nothing until it resolves).
+/// `addresses` holds the addresses each host name or wildcard currently
+/// stands for, by `Host::name_key` (one with no entry contributes nothing
+/// until it resolves or is learned from a DNS answer).
 pub fn compile(
     profile: &Profile,
     first_rule_id: u32,
@@ -89,8 +90,9 @@ pub fn compile(
         };
         let nets: Vec<IpNet> = match &rule.target.host {
             Host::Net(net) => vec![*net],
-            Host::Name(name) => addresses
-                .get(name)
+            host => host
+                .name_key()
+                .and_then(|key| addresses.get(&key))
                 .into_iter()
                 .flatten()
                 .map(|addr| IpNet::from(canonical(*addr)))

@@ -17,6 +17,32 @@ pub enum Host {
     Net(IpNet),
     /// A DNS name, lower case, without a trailing dot.
     Name(String),
+    /// `*.suffix`: every name below `suffix` (not `suffix` itself), lower
+    /// case, without a trailing dot. Learned from DNS answers only.
+    Wildcard(String),
+}
+
+impl Host {
+    /// The key that DNS-derived addresses of this host are filed under:
+    /// the name, or `*.suffix`; `None` for literal addresses.
+    pub fn name_key(&self) -> Option<String> {
+        match self {
+            Host::Net(_) => None,
+            Host::Name(name) => Some(name.clone()),
+            Host::Wildcard(suffix) => Some(format!("*.{suffix}")),
+        }
+    }
+
+    /// Whether `name` (lower case, no trailing dot) is this host.
+    pub fn matches_name(&self, name: &str) -> bool {
+        match self {
+            Host::Net(_) => false,
+            Host::Name(n) => n == name,
+            Host::Wildcard(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,6 +157,9 @@ fn parse_host(text: &str) -> Result<Host, String> {
         }
         return Ok(Host::Net(normalize(net)));
     }
+    if let Some(suffix) = text.strip_prefix("*.") {
+        return parse_name(suffix).map(Host::Wildcard);
+    }
     parse_name(text).map(Host::Name)
 }
 
@@ -149,9 +178,9 @@ fn normalize(net: IpNet) -> IpNet {
 
 fn parse_name(text: &str) -> Result<String, String> {
     let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
-    if name.starts_with("*.") || name.contains('*') {
+    if name.contains('*') {
         return Err(format!(
-            "`{text}`: wildcard host names are not supported yet; list the exact names"
+            "`{text}`: a wildcard must be a whole first label, as in `*.example.com`"
         ));
     }
     if name.is_empty() || name.len() > 253 {
@@ -262,6 +291,21 @@ mod tests {
     }
 
     #[test]
+    fn wildcards_match_names_below_their_suffix_only() {
+        let host = Target::parse("*.Railway.App.:443").unwrap().host;
+        assert_eq!(host, Host::Wildcard("railway.app".into()));
+        assert_eq!(host.name_key().as_deref(), Some("*.railway.app"));
+        assert!(host.matches_name("backboard.railway.app"));
+        assert!(host.matches_name("a.b.railway.app"));
+        assert!(!host.matches_name("railway.app"));
+        assert!(!host.matches_name("evilrailway.app"));
+        assert!(!host.matches_name("railway.app.evil.com"));
+        let exact = Host::Name("api.railway.app".into());
+        assert!(exact.matches_name("api.railway.app"));
+        assert!(!exact.matches_name("x.api.railway.app"));
+    }
+
+    #[test]
     fn ipv4_mapped_ipv6_becomes_ipv4() {
         assert_eq!(
             Target::parse("::ffff:10.1.2.3").unwrap().host,
@@ -283,7 +327,9 @@ mod tests {
             ("10.0.0.1/8", "host bits"),
             ("1.2.3.4.5", "not a valid IPv4"),
             ("999.1.1.1", "not a valid IPv4"),
-            ("*.railway.app", "wildcard"),
+            ("api.*.railway.app", "wildcard"),
+            ("*railway.app", "wildcard"),
+            ("*.*.railway.app", "wildcard"),
             ("host:443/sctp", "unknown protocol"),
             ("bad host", "not a valid host name"),
             ("[::1", "closing"),

@@ -12,6 +12,16 @@
 //!   nested-tcp     create a child cgroup under our own, move into it, TCP connect
 //!   id             print uid, NoNewPrivs and cgroup, ignoring the address
 //!
+//! Usage: probe steps <step>...   one line of output per step, each step one
+//! argument of space-separated words:
+//!   query SERVER NAME TYPE [tcp]   DNS query (UDP, or TCP): `RCODE addr...`
+//!   resolve NAME                   getaddrinfo (the system resolver): `ok addr...`
+//!   resolve-tcp NAME PORT          getaddrinfo, then TCP connect to its first IPv4 answer
+//!   race PREFIX COUNT SUFFIX PORT  COUNT times: resolve PREFIX<i>SUFFIX and connect at
+//!                                  once; `ok COUNT` or the first failure
+//!   tcp ADDR:PORT                  as `probe tcp`
+//!   sleep SECONDS
+//!
 //! Usage: probe <how> <path>
 //!   open           open for reading
 //!   open-write     open for writing
@@ -32,6 +42,13 @@ fn main() {
     let how = args.get(1).map_or("", String::as_str);
     if how == "id" {
         print_identity();
+        return;
+    }
+    if how == "steps" {
+        for step in &args[2..] {
+            let words: Vec<&str> = step.split_whitespace().collect();
+            println!("{}", run_step(&words));
+        }
         return;
     }
     if let Some(path) = args.get(2).filter(|_| {
@@ -251,4 +268,141 @@ fn uring_open(path: &str) -> io::Result<()> {
     // SAFETY: a successful openat returns a descriptor we now own.
     drop(unsafe { OwnedFd::from_raw_fd(result) });
     Ok(())
+}
+
+fn verdict(result: io::Result<()>) -> String {
+    match result {
+        Ok(()) => "ok".into(),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => "eperm".into(),
+        Err(e) => format!("error {} ({e})", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+fn run_step(words: &[&str]) -> String {
+    match words {
+        ["query", server, name, qtype, rest @ ..] => {
+            dns_query(server, name, qtype, rest.first() == Some(&"tcp"))
+                .unwrap_or_else(|e| format!("error ({e})"))
+        }
+        ["resolve", name] => match resolve(name) {
+            Ok(addrs) => {
+                let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                format!("ok {}", list.join(" "))
+            }
+            Err(e) => format!("error ({e})"),
+        },
+        ["resolve-tcp", name, port] => verdict(resolve_connect(name, port)),
+        ["race", prefix, count, suffix, port] => {
+            let count: usize = count.parse().expect("count");
+            for i in 0..count {
+                let name = format!("{prefix}{i}{suffix}");
+                if let Err(e) = resolve_connect(&name, port) {
+                    return format!("{} at {name} ({i} of {count})", verdict(Err(e)));
+                }
+            }
+            format!("ok {count}")
+        }
+        ["tcp", dest] => verdict(
+            dest.parse::<SocketAddr>()
+                .map_err(io::Error::other)
+                .and_then(|d| TcpStream::connect_timeout(&d, Duration::from_secs(2)).map(drop)),
+        ),
+        ["sleep", secs] => {
+            std::thread::sleep(Duration::from_secs_f64(secs.parse().expect("seconds")));
+            "slept".into()
+        }
+        other => format!("unknown step {other:?}"),
+    }
+}
+
+fn resolve(name: &str) -> io::Result<Vec<IpAddr>> {
+    use std::net::ToSocketAddrs;
+    let mut addrs: Vec<IpAddr> = (name, 0).to_socket_addrs()?.map(|a| a.ip()).collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+fn resolve_connect(name: &str, port: &str) -> io::Result<()> {
+    let ip = resolve(name)?
+        .into_iter()
+        .find(IpAddr::is_ipv4)
+        .ok_or_else(|| io::Error::other("no IPv4 address"))?;
+    let port: u16 = port.parse().map_err(io::Error::other)?;
+    TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(2)).map(drop)
+}
+
+/// One DNS query straight to `server`, bypassing the system resolver.
+fn dns_query(server: &str, name: &str, qtype: &str, tcp: bool) -> Result<String, String> {
+    use hickory_proto::{
+        op::{Message, Query, ResponseCode},
+        rr::{Name, RData, RecordType},
+    };
+    use std::io::{Read, Write};
+    let server: SocketAddr = server.parse().map_err(|e| format!("{e}"))?;
+    let qtype: RecordType = qtype.parse().map_err(|e| format!("{e}"))?;
+    let mut query = Message::new();
+    query
+        .set_id(0x4242)
+        .set_recursion_desired(true)
+        .add_query(Query::query(
+            Name::from_ascii(name).map_err(|e| e.to_string())?,
+            qtype,
+        ));
+    let bytes = query.to_vec().map_err(|e| e.to_string())?;
+    let raw = if tcp {
+        let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+            .map_err(|e| verdict(Err(e)))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .map_err(|e| e.to_string())?;
+        let len = u16::try_from(bytes.len()).map_err(|e| e.to_string())?;
+        stream
+            .write_all(&[&len.to_be_bytes()[..], &bytes].concat())
+            .map_err(|e| e.to_string())?;
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        buf
+    } else {
+        let local: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().expect("address")
+        } else {
+            "[::]:0".parse().expect("address")
+        };
+        let socket = UdpSocket::bind(local).map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(8)))
+            .map_err(|e| e.to_string())?;
+        socket
+            .send_to(&bytes, server)
+            .map_err(|e| verdict(Err(e)))?;
+        let mut buf = vec![0u8; 65_535];
+        let (len, from) = socket.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        // A resolver drops replies from another address than it asked.
+        if from != server {
+            return Err(format!("reply came from {from}, not {server}"));
+        }
+        buf.truncate(len);
+        buf
+    };
+    let reply = Message::from_vec(&raw).map_err(|e| e.to_string())?;
+    let code = match reply.response_code() {
+        ResponseCode::NoError => "NOERROR".to_owned(),
+        ResponseCode::NXDomain => "NXDOMAIN".to_owned(),
+        ResponseCode::ServFail => "SERVFAIL".to_owned(),
+        ResponseCode::FormErr => "FORMERR".to_owned(),
+        ResponseCode::Refused => "REFUSED".to_owned(),
+        other => u16::from(other).to_string(),
+    };
+    let mut out = vec![code];
+    for record in reply.answers() {
+        match record.data() {
+            Some(RData::A(a)) => out.push(a.0.to_string()),
+            Some(RData::AAAA(a)) => out.push(a.0.to_string()),
+            _ => {}
+        }
+    }
+    Ok(out.join(" "))
 }
