@@ -7,6 +7,7 @@ mod cgroup;
 mod control;
 mod controller;
 mod dns;
+mod explain;
 mod features;
 mod kernel;
 mod log;
@@ -59,6 +60,9 @@ enum Command {
     },
     /// Validate rule files; exits non-zero on any error.
     Check(CheckArgs),
+    /// Say whether a connect to HOST[:PORT][/PROTO] from a session of a
+    /// profile would be allowed, and by which rule (exit 0: allowed, 1: denied).
+    Explain(ExplainArgs),
 }
 
 #[derive(Args)]
@@ -141,6 +145,20 @@ struct CheckArgs {
     resolver: Option<SocketAddr>,
 }
 
+#[derive(Args)]
+struct ExplainArgs {
+    #[arg(long, default_value = DEFAULT_RULES)]
+    rules: PathBuf,
+    #[arg(long, default_value = "default")]
+    profile: String,
+    /// DNS server to resolve with instead of the system's (IP:PORT).
+    #[arg(long)]
+    resolver: Option<SocketAddr>,
+    /// `host`, `host:port`, `host:port/udp`, an address, `[v6]:port`
+    /// [default port: 443/tcp].
+    target: String,
+}
+
 impl ControllerArgs {
     fn config(&self, kind: &'static str, only_profiles: Option<Vec<String>>) -> Config {
         Config {
@@ -200,7 +218,43 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Status { json } => status(&cli.socket, json).await,
         Command::Check(args) => check(&args).await,
+        Command::Explain(args) => explain(&args).await,
     }
+}
+
+async fn explain(args: &ExplainArgs) -> Result<i32> {
+    let set = ProfileSet::load(&args.rules).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(profile) = set.get(&args.profile) else {
+        bail!(
+            "no profile named `{}` in {}",
+            args.profile,
+            args.rules.display()
+        );
+    };
+    let target = policy::target::Target::parse(&args.target)
+        .map_err(|e| anyhow::anyhow!("`{}`: {e}", args.target))?;
+    let (port, proto) = match (target.ports.is_any(), target.proto) {
+        (true, enforcer_common::PROTO_ANY) => (443, enforcer_common::PROTO_TCP),
+        (true, proto) => (443, proto),
+        (false, enforcer_common::PROTO_ANY) => (target.ports.lo, enforcer_common::PROTO_TCP),
+        (false, proto) => (target.ports.lo, proto),
+    };
+    let addresses = match &target.host {
+        policy::target::Host::Name(name) => {
+            match Resolver::new(args.resolver)?.resolve(name).await.answer {
+                Answer::Addresses(a) => a,
+                Answer::NoSuchHost | Answer::Failed(_) => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
+    };
+    let explanation = explain::explain(profile, &target.host, &addresses, port, proto)
+        .map_err(|e| anyhow::anyhow!("`{}`: {e}", args.target))?;
+    println!("profile {}:", profile.name);
+    for line in &explanation.lines {
+        println!("  {line}");
+    }
+    Ok(i32::from(!explanation.allowed))
 }
 
 async fn run(socket: &Path, args: RunArgs) -> Result<i32> {

@@ -158,7 +158,6 @@ fn canonical(addr: IpAddr) -> IpAddr {
 }
 
 /// Longest-prefix lookup over compiled entries, as the kernel does it.
-#[cfg(test)]
 pub fn lookup(compiled: &Compiled, addr: IpAddr) -> Option<&RuleList> {
     let addr = canonical(addr);
     compiled
