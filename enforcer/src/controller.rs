@@ -4,7 +4,7 @@
 //! The daemon and the embedded controller of `enforcer run` are both this.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     os::fd::{AsFd, OwnedFd},
     path::{Path, PathBuf},
@@ -16,8 +16,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::{
     ACCESS_LINK, ACCESS_RENAME, Counter, EVENT_FILE, EVENT_NET, FileEvent, InodeKey, NO_RULE,
-    NameRule, NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, SESSION_AUDIT, SESSION_DEFAULT_DENY,
-    Session, VERDICT_AUDIT,
+    NameRule, NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, RuleList, SESSION_AUDIT,
+    SESSION_DEFAULT_DENY, Session, VERDICT_AUDIT,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,8 @@ struct Installed {
     id: u32,
     first_rule_id: u32,
     resolutions: BTreeMap<String, Resolution>,
-    prefixes: BTreeSet<IpNet>,
+    /// The kernel entries in force for this profile.
+    entries: HashMap<IpNet, RuleList>,
 }
 
 struct RuleInfo {
@@ -200,7 +201,7 @@ impl Controller {
                     id: u32::try_from(index + 1)?,
                     first_rule_id: first_ids[name],
                     resolutions,
-                    prefixes: BTreeSet::new(),
+                    entries: HashMap::new(),
                 },
             );
             state.apply(name)?;
@@ -647,7 +648,7 @@ impl Controller {
                     .into(),
                     default: p.default.as_str().into(),
                     source: p.default_origin.file.clone(),
-                    kernel_entries: installed.prefixes.len(),
+                    kernel_entries: installed.entries.len(),
                     unresolved: installed
                         .resolutions
                         .iter()
@@ -720,8 +721,9 @@ impl Controller {
 
 impl State {
     /// Compile a profile with its current addresses and bring the kernel
-    /// entries in line: new entries are written before stale ones are
-    /// removed, so a destination is never briefly unruled.
+    /// entries in line, writing only what changed (a learned DNS answer
+    /// usually adds one entry): new and changed entries are written before
+    /// stale ones are removed, so a destination is never briefly unruled.
     fn apply(&mut self, name: &str) -> Result<()> {
         let profile = &self.profiles.profiles[name];
         let installed = self
@@ -740,11 +742,23 @@ impl State {
             addresses.entry(key).or_default().extend(learned);
         }
         let compiled = compile::compile(profile, installed.first_rule_id, &addresses)?;
-        self.kernel.insert_rules(installed.id, &compiled.entries)?;
-        let fresh: BTreeSet<IpNet> = compiled.entries.iter().map(|(n, _)| *n).collect();
-        let stale: Vec<IpNet> = installed.prefixes.difference(&fresh).copied().collect();
-        self.kernel.remove_rules(installed.id, stale.into_iter())?;
-        installed.prefixes = fresh;
+        for (net, list) in &compiled.entries {
+            if installed.entries.get(net) != Some(list) {
+                self.kernel.set_rule(installed.id, *net, list)?;
+                installed.entries.insert(*net, *list);
+            }
+        }
+        let fresh: HashSet<IpNet> = compiled.entries.iter().map(|(n, _)| *n).collect();
+        let stale: Vec<IpNet> = installed
+            .entries
+            .keys()
+            .filter(|n| !fresh.contains(n))
+            .copied()
+            .collect();
+        for net in stale {
+            self.kernel.remove_rule(installed.id, net)?;
+            installed.entries.remove(&net);
+        }
         Ok(())
     }
 

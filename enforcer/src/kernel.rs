@@ -200,24 +200,14 @@ impl Kernel {
         }
     }
 
-    /// Write one profile's compiled entries under `profile_id`.
-    pub fn insert_rules(&mut self, profile_id: u32, entries: &[(IpNet, RuleList)]) -> Result<()> {
-        for (net, list) in entries {
-            self.update_rule(profile_id, *net, Some(list))?;
-        }
-        Ok(())
+    /// Write the entry of `profile_id` for this prefix.
+    pub fn set_rule(&mut self, profile_id: u32, net: IpNet, list: &RuleList) -> Result<()> {
+        self.update_rule(profile_id, net, Some(list))
     }
 
-    /// Delete entries of `profile_id` for these prefixes.
-    pub fn remove_rules(
-        &mut self,
-        profile_id: u32,
-        prefixes: impl Iterator<Item = IpNet>,
-    ) -> Result<()> {
-        for net in prefixes {
-            self.update_rule(profile_id, net, None)?;
-        }
-        Ok(())
+    /// Delete the entry of `profile_id` for this prefix.
+    pub fn remove_rule(&mut self, profile_id: u32, net: IpNet) -> Result<()> {
+        self.update_rule(profile_id, net, None)
     }
 
     fn update_rule(&mut self, profile_id: u32, net: IpNet, list: Option<&RuleList>) -> Result<()> {

@@ -80,13 +80,14 @@ struct ControllerArgs {
     #[arg(long)]
     resolver: Option<SocketAddr>,
     /// Addresses learned from DNS answers stay allowed or denied at least
-    /// this many seconds, however short the answer's TTL.
-    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
-    dns_ttl_floor: u64,
+    /// this many seconds, however short the answer's TTL [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    dns_ttl_floor: Option<u64>,
     /// Most (address, rule) entries learned from DNS answers kept at once;
-    /// past it, those closest to expiry are evicted (and counted).
-    #[arg(long, default_value_t = 65_536, value_name = "N")]
-    dns_learned_max: usize,
+    /// past it, those closest to expiry are evicted (and counted)
+    /// [default: 65536].
+    #[arg(long, value_name = "N")]
+    dns_learned_max: Option<usize>,
 }
 
 #[derive(Args)]
@@ -167,8 +168,8 @@ impl ControllerArgs {
             resolver: self.resolver,
             kind,
             only_profiles,
-            dns_ttl_floor: std::time::Duration::from_secs(self.dns_ttl_floor),
-            dns_learned_max: self.dns_learned_max,
+            dns_ttl_floor: std::time::Duration::from_secs(self.dns_ttl_floor.unwrap_or(60)),
+            dns_learned_max: self.dns_learned_max.unwrap_or(65_536),
         }
     }
 }
@@ -319,7 +320,10 @@ async fn refuse_conflicting_daemon_options(
     client: &mut Client,
     args: &ControllerArgs,
 ) -> Result<()> {
-    if args.rules.is_none() && args.log.is_none() && args.resolver.is_none() {
+    let dns_options = args.resolver.is_some()
+        || args.dns_ttl_floor.is_some()
+        || args.dns_learned_max.is_some();
+    if args.rules.is_none() && args.log.is_none() && !dns_options {
         return Ok(());
     }
     let Response::Status(status) = client.request(&Request::Status).await? else {
@@ -332,11 +336,12 @@ async fn refuse_conflicting_daemon_options(
     };
     if differs(&args.rules, status.rules_dir.as_deref())
         || differs(&args.log, Some(status.log.as_str()))
-        || args.resolver.is_some()
+        || dns_options
     {
         bail!(
-            "a daemon (pid {}) is running with rules {} and log {}; `--rules`, `--log` and \
-             `--resolver` cannot change them per session: drop those options or stop the daemon",
+            "a daemon (pid {}) is running with rules {} and log {}; `--rules`, `--log`, \
+             `--resolver` and `--dns-*` cannot change them per session: drop those options or \
+             stop the daemon",
             status.pid,
             status.rules_dir.as_deref().unwrap_or("<built-in>"),
             status.log
