@@ -320,9 +320,8 @@ async fn refuse_conflicting_daemon_options(
     client: &mut Client,
     args: &ControllerArgs,
 ) -> Result<()> {
-    let dns_options = args.resolver.is_some()
-        || args.dns_ttl_floor.is_some()
-        || args.dns_learned_max.is_some();
+    let dns_options =
+        args.resolver.is_some() || args.dns_ttl_floor.is_some() || args.dns_learned_max.is_some();
     if args.rules.is_none() && args.log.is_none() && !dns_options {
         return Ok(());
     }

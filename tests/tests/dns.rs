@@ -255,11 +255,17 @@ fn learned_addresses_expire_and_follow_address_changes() {
     let (_l2, a2) = listen("127.0.5.2:0");
     let port = a1.port();
     let port2 = a2.port();
-    // The server's answer changes while the session runs: the agent's next
-    // lookup gets (and may reach) the new address; the old one expires.
+    // The server's answer changes once the agent has used the first one
+    // (it says so by creating `mark`): its next lookup gets, and may reach,
+    // the new address; the old one expires.
+    let mark = sb.rules().with_file_name("used-first-answer");
+    let mark_step = format!("mark {}", mark.display());
     let out = std::thread::scope(|scope| {
         scope.spawn(|| {
-            std::thread::sleep(Duration::from_secs(3));
+            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            while !mark.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             server.set_a("moving.cdn.test", &[Ipv4Addr::new(127, 0, 5, 2)], 1);
         });
         steps(
@@ -269,6 +275,7 @@ fn learned_addresses_expire_and_follow_address_changes() {
             &[
                 &format!("resolve-tcp moving.cdn.test {port}"),
                 &format!("tcp {a1}"),
+                &mark_step,
                 "sleep 5",
                 // TTL 1 s and a 1 s floor: long expired.
                 &format!("tcp {a1}"),
@@ -277,7 +284,7 @@ fn learned_addresses_expire_and_follow_address_changes() {
             ],
         )
     });
-    assert_eq!(out, ["ok", "ok", "slept", "eperm", "eperm", "ok"]);
+    assert_eq!(out, ["ok", "ok", "ok", "slept", "eperm", "eperm", "ok"]);
 }
 
 #[test]

@@ -21,6 +21,7 @@
 //!                                  once; `ok COUNT` or the first failure
 //!   tcp ADDR:PORT                  as `probe tcp`
 //!   sleep SECONDS
+//!   mark PATH                      create the file PATH (a signal to the test)
 //!
 //! Usage: probe <how> <path>
 //!   open           open for reading
@@ -307,6 +308,7 @@ fn run_step(words: &[&str]) -> String {
                 .map_err(io::Error::other)
                 .and_then(|d| TcpStream::connect_timeout(&d, Duration::from_secs(2)).map(drop)),
         ),
+        ["mark", path] => verdict(std::fs::write(path, b"")),
         ["sleep", secs] => {
             std::thread::sleep(Duration::from_secs_f64(secs.parse().expect("seconds")));
             "slept".into()
