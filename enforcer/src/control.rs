@@ -35,6 +35,8 @@ pub enum Request {
     },
     CloseSession,
     Status,
+    /// Load the rules directory again (as SIGHUP does).
+    Reload,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -43,6 +45,8 @@ pub enum Response {
     Session(Grant),
     Closed,
     Status(Box<Status>),
+    /// What the reload put in force.
+    Reloaded(String),
     Error(String),
 }
 
@@ -107,6 +111,10 @@ async fn handle(stream: UnixStream, controller: Controller) -> Result<()> {
             let reply = match serde_json::from_str::<Request>(&line) {
                 Err(e) => Response::Error(format!("bad request: {e}")),
                 Ok(Request::Status) => Response::Status(Box::new(controller.status())),
+                Ok(Request::Reload) => match controller.reload().await {
+                    Ok(summary) => Response::Reloaded(summary),
+                    Err(e) => Response::Error(format!("{e:#}")),
+                },
                 Ok(Request::OpenSession { .. }) if session.is_some() => {
                     Response::Error("this connection already has a session".into())
                 }

@@ -82,12 +82,31 @@ struct RuleInfo {
 
 struct LiveSession {
     grant: Grant,
+    /// As asked when the session opened, to judge it again after a reload.
+    uid: u32,
+    forced_audit: bool,
+    allow_degraded: bool,
     /// Serves the session's steered DNS queries; stops when dropped.
-    _proxy: Proxy,
+    proxy: Proxy,
     /// False once the `enforcer run` that asked for it has gone: the session
     /// ends when its cgroup empties.
     attached: bool,
     started: String,
+}
+
+/// One installed file policy and the kernel entries it wrote.
+struct FilePolicy {
+    id: u32,
+    inodes: Vec<InodeKey>,
+    names: Vec<(files::Trie, u32, Vec<u8>)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReloadStatus {
+    pub at: String,
+    /// `None`: the new rules are in force; otherwise why the reload failed
+    /// (the rules in force before it stay in force).
+    pub error: Option<String>,
 }
 
 struct State {
@@ -101,9 +120,16 @@ struct State {
     instance_dir: PathBuf,
     next_session: u64,
     kind: &'static str,
-    /// File policy id per (profile, home directory): `~` in file rules is
+    /// File policy per (profile, home directory): `~` in file rules is
     /// the home of the user the agent runs as.
-    file_policies: BTreeMap<(String, PathBuf), u32>,
+    file_policies: BTreeMap<(String, PathBuf), FilePolicy>,
+    /// Ids for the next installed profile and file policy: a reload installs
+    /// the new rules under fresh ids beside the old, then flips sessions.
+    next_profile_id: u32,
+    next_file_policy: u32,
+    rules_dir: PathBuf,
+    only_profiles: Option<Vec<String>>,
+    last_reload: Option<ReloadStatus>,
     learned: Learned,
     dns_ttl_floor: Duration,
     /// Where session proxies forward queries; `None`: nowhere (SERVFAIL).
@@ -117,6 +143,8 @@ pub struct Controller {
     events: Arc<Mutex<RingBuf<MapData>>>,
     resolver: Arc<Resolver>,
     dns_stats: Arc<Stats>,
+    /// Reloads run one at a time.
+    reload_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The root of every enforcer instance cgroup.
@@ -184,6 +212,11 @@ impl Controller {
             next_session: 1,
             kind: config.kind,
             file_policies: BTreeMap::new(),
+            next_profile_id: 1,
+            next_file_policy: 1,
+            rules_dir: config.rules_dir.clone(),
+            only_profiles: config.only_profiles.clone(),
+            last_reload: None,
             learned: Learned::new(config.dns_learned_max),
             dns_ttl_floor: config.dns_ttl_floor,
             dns_upstream,
@@ -191,14 +224,16 @@ impl Controller {
         let wanted: Vec<String> = config
             .only_profiles
             .unwrap_or_else(|| state.profiles.profiles.keys().cloned().collect());
-        for (index, name) in wanted.iter().enumerate() {
-            let profile = state.profiles.profiles[name].clone();
+        for name in &wanted {
+            let profile = &state.profiles.profiles[name];
             let resolutions = resolver.resolve_all(profile.host_names()).await;
-            warn_unresolved(&profile, &resolutions);
+            warn_unresolved(profile, &resolutions);
+            let id = state.next_profile_id;
+            state.next_profile_id += 1;
             state.installed.insert(
                 name.clone(),
                 Installed {
-                    id: u32::try_from(index + 1)?,
+                    id,
                     first_rule_id: first_ids[name],
                     resolutions,
                     entries: HashMap::new(),
@@ -212,6 +247,7 @@ impl Controller {
             events: Arc::new(Mutex::new(events)),
             resolver: Arc::new(resolver),
             dns_stats: Arc::new(Stats::default()),
+            reload_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         controller.spawn_event_reader()?;
         controller.spawn_refresher();
@@ -237,19 +273,8 @@ impl Controller {
     ) -> Result<Grant> {
         let mut state = self.state();
         let (file_policy, degraded) = state.file_policy_for(profile, agent_uid, allow_degraded)?;
-        let (profile_id, flags) = {
-            let Some(installed) = state.installed.get(profile) else {
-                bail!("{}", unknown_profile(&state.profiles, profile));
-            };
-            let p = &state.profiles.profiles[profile];
-            let mut flags = 0;
-            if force_audit || p.mode == Mode::Audit {
-                flags |= SESSION_AUDIT;
-            }
-            if p.default == Action::Deny {
-                flags |= SESSION_DEFAULT_DENY;
-            }
-            (installed.id, flags)
+        let Some((profile_id, flags)) = state.session_rules(profile, force_audit) else {
+            bail!("{}", unknown_profile(&state.profiles, profile));
         };
         let name = format!("{profile}.{}", state.next_session);
         state.next_session += 1;
@@ -301,7 +326,10 @@ impl Controller {
             cgroup_id,
             LiveSession {
                 grant: grant.clone(),
-                _proxy: proxy,
+                uid: agent_uid,
+                forced_audit: force_audit,
+                allow_degraded,
+                proxy,
                 attached: true,
                 started: jiff::Timestamp::now().to_string(),
             },
@@ -495,6 +523,70 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Load the rules directory again and put it in force without a gap.
+    /// The new rule set is validated and compiled whole first; its entries
+    /// are written under fresh profile ids beside the old ones; then each
+    /// live session is switched to them with one map update (atomic for the
+    /// kernel: a connect or open sees the old rules or the new, never
+    /// neither); then the old entries are removed. On any error nothing
+    /// changes, and the error is kept for `status`.
+    pub async fn reload(&self) -> Result<String> {
+        crate::service::notify_reloading();
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.try_reload().await;
+        let mut state = self.state();
+        state.last_reload = Some(ReloadStatus {
+            at: format!("{:.6}", jiff::Timestamp::now()),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+        });
+        match &result {
+            Ok(summary) => tracing::info!("reloaded the rules: {summary}"),
+            Err(e) => tracing::error!("reload failed; the rules in force stay in force: {e:#}"),
+        }
+        crate::service::notify(&["READY=1"]);
+        result
+    }
+
+    async fn try_reload(&self) -> Result<String> {
+        let (dir, only, known) = {
+            let state = self.state();
+            let known: BTreeMap<String, Resolution> = state
+                .installed
+                .values()
+                .flat_map(|i| i.resolutions.clone())
+                .collect();
+            (state.rules_dir.clone(), state.only_profiles.clone(), known)
+        };
+        let profiles = ProfileSet::load(&dir)
+            .map_err(|e| anyhow!("{e}"))
+            .context("the new rules are invalid")?;
+        let wanted: Vec<String> =
+            only.unwrap_or_else(|| profiles.profiles.keys().cloned().collect());
+        for name in &wanted {
+            if profiles.get(name).is_none() {
+                bail!("{}", unknown_profile(&profiles, name));
+            }
+        }
+        // Names resolved before keep their answers (the refresher keeps
+        // them current); new names are resolved now, outside the lock.
+        let fresh: Vec<&str> = wanted
+            .iter()
+            .flat_map(|n| profiles.profiles[n].host_names())
+            .filter(|n| !known.contains_key(*n))
+            .collect();
+        let mut resolved = self.resolver.resolve_all(fresh).await;
+        resolved.extend(known);
+        let (rules, first_ids) = rule_table(&profiles)?;
+        self.state()
+            .swap_rules(profiles, rules, &first_ids, &wanted, &resolved)
+    }
+
+    /// Reopen the denial log (after logrotate moved it away).
+    pub fn reopen_log(&self) -> Result<()> {
+        self.drain_events();
+        self.state().log.reopen()
     }
 
     /// Drop learned addresses whose answers have expired.
@@ -709,6 +801,7 @@ impl Controller {
                 .map(|c| (c.name().to_owned(), state.kernel.counter(*c)))
                 .collect(),
             features: crate::features::detect(state.kernel.file_enforcement.clone()),
+            reload: state.last_reload.clone(),
             dns: DnsStatus {
                 upstream: state.dns_upstream.map(|a| a.to_string()),
                 learned: state.learned.len(),
@@ -720,6 +813,144 @@ impl Controller {
 }
 
 impl State {
+    /// Put a new rule set in force (see `Controller::reload`).
+    fn swap_rules(
+        &mut self,
+        profiles: ProfileSet,
+        rules: Vec<RuleInfo>,
+        first_ids: &BTreeMap<String, u32>,
+        wanted: &[String],
+        resolved: &BTreeMap<String, Resolution>,
+    ) -> Result<String> {
+        for session in self.sessions.values() {
+            if !wanted.contains(&session.grant.profile) {
+                bail!(
+                    "profile `{}` is gone from the rules, but session {} still uses it; end the \
+                     session first",
+                    session.grant.profile,
+                    session.grant.name
+                );
+            }
+        }
+        let capacity = self.kernel.rule_hit_capacity();
+        if rules.len() > capacity as usize {
+            bail!(
+                "the new rules have {} rules; the loaded programs count hits for at most {capacity}: \
+                 restart the controller to load them",
+                rules.len()
+            );
+        }
+        let old_profiles = std::mem::replace(&mut self.profiles, profiles);
+        let old_rules = std::mem::replace(&mut self.rules, rules);
+        let old_installed = std::mem::take(&mut self.installed);
+        let old_policies = std::mem::take(&mut self.file_policies);
+        let switched = self
+            .install_all(wanted, first_ids, resolved)
+            .and_then(|()| self.sessions_switched());
+        let values = match switched {
+            Ok(values) => values,
+            Err(e) => {
+                let new_installed = std::mem::replace(&mut self.installed, old_installed);
+                for installed in new_installed.values() {
+                    self.remove_profile_entries(installed);
+                }
+                let new_policies = std::mem::replace(&mut self.file_policies, old_policies);
+                for policy in new_policies.values() {
+                    self.remove_file_policy(policy);
+                }
+                self.profiles = old_profiles;
+                self.rules = old_rules;
+                return Err(e);
+            }
+        };
+        for (cgroup_id, session) in &values {
+            // On failure the old entries stay: a session never loses its rules.
+            self.kernel.set_session(*cgroup_id, *session).with_context(|| {
+                format!("switching session cgroup {cgroup_id} to the new rules (the old rules stay loaded)")
+            })?;
+        }
+        for installed in old_installed.values() {
+            self.remove_profile_entries(installed);
+        }
+        for policy in old_policies.values() {
+            self.remove_file_policy(policy);
+        }
+        self.kernel
+            .reset_rule_hits(u32::try_from(self.rules.len())?)?;
+        Ok(format!(
+            "{} profile(s), {} rule(s), {} session(s) switched",
+            wanted.len(),
+            self.rules.len(),
+            values.len()
+        ))
+    }
+
+    /// Install `wanted` profiles under fresh ids (see `apply`).
+    fn install_all(
+        &mut self,
+        wanted: &[String],
+        first_ids: &BTreeMap<String, u32>,
+        resolved: &BTreeMap<String, Resolution>,
+    ) -> Result<()> {
+        for name in wanted {
+            let resolutions = self.profiles.profiles[name]
+                .host_names()
+                .filter_map(|n| resolved.get(n).map(|r| (n.to_owned(), r.clone())))
+                .collect();
+            let id = self.next_profile_id;
+            self.next_profile_id += 1;
+            self.installed.insert(
+                name.clone(),
+                Installed {
+                    id,
+                    first_rule_id: first_ids[name],
+                    resolutions,
+                    entries: HashMap::new(),
+                },
+            );
+            self.apply(name)?;
+        }
+        Ok(())
+    }
+
+    /// The `SESSIONS` value each live session gets under the installed
+    /// rules, compiling the file policies they need.
+    fn sessions_switched(&mut self) -> Result<Vec<(u64, Session)>> {
+        let live: Vec<(u64, String, u32, bool, bool, u16, u16)> = self
+            .sessions
+            .iter()
+            .map(|(id, s)| {
+                (
+                    *id,
+                    s.grant.profile.clone(),
+                    s.uid,
+                    s.forced_audit,
+                    s.allow_degraded,
+                    s.proxy.port_v4,
+                    s.proxy.port_v6,
+                )
+            })
+            .collect();
+        let mut values = Vec::with_capacity(live.len());
+        for (cgroup_id, profile, uid, forced_audit, allow_degraded, port_v4, port_v6) in live {
+            let (file_policy, _) = self.file_policy_for(&profile, uid, allow_degraded)?;
+            let (profile_id, flags) = self
+                .session_rules(&profile, forced_audit)
+                .with_context(|| format!("profile `{profile}` was not installed"))?;
+            values.push((
+                cgroup_id,
+                Session {
+                    profile_id,
+                    flags,
+                    file_policy,
+                    dns_port_v4: port_v4,
+                    dns_port_v6: port_v6,
+                },
+            ));
+        }
+        Ok(values)
+    }
+
     /// Compile a profile with its current addresses and bring the kernel
     /// entries in line, writing only what changed (a learned DNS answer
     /// usually adds one entry): new and changed entries are written before
@@ -762,6 +993,41 @@ impl State {
         Ok(())
     }
 
+    /// The profile id and session flags for a session of `profile`.
+    fn session_rules(&self, profile: &str, force_audit: bool) -> Option<(u32, u32)> {
+        let installed = self.installed.get(profile)?;
+        let p = self.profiles.get(profile)?;
+        let mut flags = 0;
+        if force_audit || p.mode == Mode::Audit {
+            flags |= SESSION_AUDIT;
+        }
+        if p.default == Action::Deny {
+            flags |= SESSION_DEFAULT_DENY;
+        }
+        Some((installed.id, flags))
+    }
+
+    fn remove_file_policy(&mut self, policy: &FilePolicy) {
+        for inode in &policy.inodes {
+            if let Err(e) = self.kernel.remove_inode(inode) {
+                tracing::error!("removing a file rule entry: {e}");
+            }
+        }
+        for (trie, scope, bytes) in &policy.names {
+            if let Err(e) = self.kernel.remove_name(*trie, *scope, bytes) {
+                tracing::error!("removing a file name rule entry: {e}");
+            }
+        }
+    }
+
+    fn remove_profile_entries(&mut self, installed: &Installed) {
+        for net in installed.entries.keys() {
+            if let Err(e) = self.kernel.remove_rule(installed.id, *net) {
+                tracing::error!("removing a network rule entry: {e}");
+            }
+        }
+    }
+
     /// The file policy for a session of `profile` whose agent runs as
     /// `uid`, compiled and installed on first use; 0 when the profile has no
     /// file rules. With file rules the kernel cannot enforce: an error, or
@@ -799,10 +1065,16 @@ impl State {
                 format!("uid {uid} has no home directory to expand `~` in file rules")
             })?;
         let key = (profile.to_owned(), home.clone());
-        if let Some(id) = self.file_policies.get(&key) {
-            return Ok((*id, None));
+        if let Some(policy) = self.file_policies.get(&key) {
+            return Ok((policy.id, None));
         }
-        let id = u32::try_from(self.file_policies.len() + 1)?;
+        let id = self.next_file_policy;
+        self.next_file_policy += 1;
+        let mut policy = FilePolicy {
+            id,
+            inodes: Vec::new(),
+            names: Vec::new(),
+        };
         let first = self.installed.get(profile).map_or(0, |i| i.first_rule_id)
             + u32::try_from(p.rules.len())?;
         let targets: Vec<files::FileRuleRef<'_>> = p
@@ -825,22 +1097,29 @@ impl State {
                 rule.text
             );
         }
-        for ((dev, ino), rule) in &compiled.inodes {
-            self.kernel.set_inode(
-                InodeKey {
+        let written = (|| -> Result<()> {
+            for ((dev, ino), rule) in &compiled.inodes {
+                let inode = InodeKey {
                     policy: id,
                     dev: *dev,
                     ino: *ino,
-                },
-                *rule,
-            )?;
+                };
+                self.kernel.set_inode(inode, *rule)?;
+                policy.inodes.push(inode);
+            }
+            for n in &compiled.names {
+                let scope = enforcer_common::scope(id, n.index, n.allow);
+                self.kernel
+                    .set_name(n.trie, scope, &n.bytes, NameRule { rule_id: n.rule_id })?;
+                policy.names.push((n.trie, scope, n.bytes.clone()));
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            self.remove_file_policy(&policy);
+            return Err(e);
         }
-        for n in &compiled.names {
-            let scope = enforcer_common::scope(id, n.index, n.allow);
-            self.kernel
-                .set_name(n.trie, scope, &n.bytes, NameRule { rule_id: n.rule_id })?;
-        }
-        self.file_policies.insert(key, id);
+        self.file_policies.insert(key, policy);
         Ok((id, None))
     }
 
@@ -1184,6 +1463,8 @@ pub struct Status {
     pub counters: BTreeMap<String, u64>,
     pub features: crate::features::Features,
     pub dns: DnsStatus,
+    /// The last reload, if any.
+    pub reload: Option<ReloadStatus>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -123,7 +123,7 @@ impl Kernel {
                 true,
             )
             .override_global(globals::KERNEL_OFFSETS, &offsets, true)
-            .map_max_entries(maps::RULE_HITS, scope.rule_count.max(1))
+            .map_max_entries(maps::RULE_HITS, rule_hit_capacity(scope.rule_count))
             .map_max_entries(maps::FILE_INODES, MAX_FILE_INODES)
             .load(OBJECT)
             .map_err(KernelError::Load)?;
@@ -250,6 +250,57 @@ impl Kernel {
         }
     }
 
+    pub fn remove_inode(&mut self, key: &InodeKey) -> Result<()> {
+        match self.inodes.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(KernelError::MapUpdate {
+                name: maps::FILE_INODES,
+                source,
+            }),
+        }
+    }
+
+    pub fn remove_name(&mut self, trie: Trie, scope: u32, bytes: &[u8]) -> Result<()> {
+        let key = name_key(scope, bytes);
+        let (map, name) = match trie {
+            Trie::Prefix => (&mut self.name_prefix, maps::NAME_PREFIX),
+            Trie::Suffix => (&mut self.name_suffix, maps::NAME_SUFFIX),
+        };
+        match map.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(KernelError::MapUpdate { name, source }),
+        }
+    }
+
+    /// How many rule ids the hit counters have room for.
+    pub fn rule_hit_capacity(&self) -> u32 {
+        self.rule_hits.len()
+    }
+
+    /// Zero the hit counters of rule ids `0..count` (a reload renumbers
+    /// the rules).
+    pub fn reset_rule_hits(&mut self, count: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1));
+        for index in 0..count.min(self.rule_hits.len()) {
+            let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; cpus]).map_err(|source| {
+                KernelError::MapUpdate {
+                    name: maps::RULE_HITS,
+                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "nr_cpus",
+                        io_error: source,
+                    }),
+                }
+            })?;
+            self.rule_hits
+                .set(index, zeros, 0)
+                .map_err(|source| KernelError::MapUpdate {
+                    name: maps::RULE_HITS,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     pub fn set_inode(&mut self, key: InodeKey, rule: InodeRule) -> Result<()> {
         self.inodes
             .insert(key, rule, 0)
@@ -260,11 +311,7 @@ impl Kernel {
     }
 
     pub fn set_name(&mut self, trie: Trie, scope: u32, bytes: &[u8], rule: NameRule) -> Result<()> {
-        let mut name = [0u8; NAME_BYTES];
-        let len = bytes.len().min(NAME_BYTES);
-        name[..len].copy_from_slice(&bytes[..len]);
-        let bits = u32::try_from(len * 8).unwrap_or(0);
-        let key = Key::new(32 + bits, NameKey { scope, name });
+        let key = name_key(scope, bytes);
         let (map, name) = match trie {
             Trie::Prefix => (&mut self.name_prefix, maps::NAME_PREFIX),
             Trie::Suffix => (&mut self.name_suffix, maps::NAME_SUFFIX),
@@ -282,6 +329,20 @@ impl Kernel {
     pub fn rule_hits(&self, rule_id: u32) -> u64 {
         sum_cpus(&self.rule_hits, rule_id)
     }
+}
+
+fn name_key(scope: u32, bytes: &[u8]) -> Key<NameKey> {
+    let mut name = [0u8; NAME_BYTES];
+    let len = bytes.len().min(NAME_BYTES);
+    name[..len].copy_from_slice(&bytes[..len]);
+    let bits = u32::try_from(len * 8).unwrap_or(0);
+    Key::new(32 + bits, NameKey { scope, name })
+}
+
+/// Room in the hit counters for the loaded rules, with headroom so a reload
+/// may add rules.
+fn rule_hit_capacity(rule_count: u32) -> u32 {
+    rule_count.saturating_mul(2).max(4096)
 }
 
 fn sum_cpus(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {

@@ -144,6 +144,13 @@ impl Writer {
         &self.path
     }
 
+    /// Open the path again, after the file was rotated away. Lines written
+    /// until now went to the rotated file, so none are lost.
+    pub fn reopen(&mut self) -> Result<()> {
+        *self = Writer::open(&self.path)?;
+        Ok(())
+    }
+
     pub fn write(&mut self, record: &Record) -> Result<()> {
         let mut line = serde_json::to_vec(record).context("encoding a log record")?;
         line.push(b'\n');

@@ -13,6 +13,8 @@ mod kernel;
 mod log;
 mod policy;
 mod resolve;
+mod service;
+mod watch;
 
 use std::{
     collections::BTreeMap,
@@ -63,6 +65,9 @@ enum Command {
     /// Say whether a connect to HOST[:PORT][/PROTO] from a session of a
     /// profile would be allowed, and by which rule (exit 0: allowed, 1: denied).
     Explain(ExplainArgs),
+    /// Make the daemon load its rules directory again (as SIGHUP does); the
+    /// rules in force stay in force if the new ones are invalid.
+    Reload,
 }
 
 #[derive(Args)]
@@ -220,6 +225,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Status { json } => status(&cli.socket, json).await,
         Command::Check(args) => check(&args).await,
         Command::Explain(args) => explain(&args).await,
+        Command::Reload => reload(&cli.socket).await,
     }
 }
 
@@ -351,14 +357,39 @@ async fn refuse_conflicting_daemon_options(
 
 async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
     let listener = control::bind(socket).await?;
-    let controller = Controller::start(args.controller.config("daemon", None)).await?;
-    tracing::info!("enforcer daemon ready on {}", socket.display());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        () = control::serve(listener, controller.clone()) => {}
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let config = args.controller.config("daemon", None);
+    let rules_dir = config.rules_dir.clone();
+    let controller = Controller::start(config).await?;
+    if rules_dir.is_dir() {
+        watch::spawn(&rules_dir, controller.clone())?;
+    } else {
+        tracing::info!(
+            "no rules directory {} (built-in default only); create it and send SIGHUP to load it",
+            rules_dir.display()
+        );
     }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    service::spawn_watchdog();
+    service::notify(&["READY=1", "STATUS=enforcing"]);
+    tracing::info!("enforcer daemon ready on {}", socket.display());
+    let serving = control::serve(listener, controller.clone());
+    tokio::pin!(serving);
+    loop {
+        tokio::select! {
+            () = &mut serving => break,
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hangup.recv() => {
+                // SIGHUP: logrotate moved the log away, or the rules changed.
+                if let Err(e) = controller.reopen_log() {
+                    tracing::error!("reopening the denial log: {e:#}");
+                }
+                let _ = controller.reload().await;
+            }
+        }
+    }
+    service::notify(&["STOPPING=1"]);
     // Enforcement ends with this process, so end the agents with it.
     for session in controller.status().sessions {
         tracing::warn!(
@@ -369,6 +400,26 @@ async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
     controller.kill_all_sessions()?;
     let _ = std::fs::remove_file(socket);
     controller.shutdown()
+}
+
+async fn reload(socket: &Path) -> Result<i32> {
+    let Some(mut client) = Client::connect(socket).await? else {
+        bail!(
+            "no daemon on {}: `enforcer reload` reloads a running daemon's rules",
+            socket.display()
+        );
+    };
+    match client.request(&Request::Reload).await? {
+        Response::Reloaded(summary) => {
+            println!("reloaded: {summary}");
+            Ok(0)
+        }
+        Response::Error(e) => {
+            eprintln!("enforcer: reload failed; the rules in force stay in force: {e}");
+            Ok(1)
+        }
+        other => bail!("unexpected reply from the daemon: {other:?}"),
+    }
 }
 
 async fn status(socket: &Path, json: bool) -> Result<i32> {
@@ -420,6 +471,15 @@ fn print_status(s: &Status) {
     println!("counters:");
     for (name, value) in &s.counters {
         println!("  {name}: {value}");
+    }
+    if let Some(r) = &s.reload {
+        match &r.error {
+            None => println!("last reload: {} ok", r.at),
+            Some(e) => println!(
+                "last reload: {} FAILED (previous rules in force): {e}",
+                r.at
+            ),
+        }
     }
     let d = &s.dns;
     println!(

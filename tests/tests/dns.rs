@@ -262,7 +262,7 @@ fn learned_addresses_expire_and_follow_address_changes() {
     let mark_step = format!("mark {}", mark.display());
     let out = std::thread::scope(|scope| {
         scope.spawn(|| {
-            let deadline = std::time::Instant::now() + Duration::from_secs(120);
+            let deadline = std::time::Instant::now() + Duration::from_mins(2);
             while !mark.exists() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }

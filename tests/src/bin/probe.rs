@@ -22,6 +22,9 @@
 //!   tcp ADDR:PORT                  as `probe tcp`
 //!   sleep SECONDS
 //!   mark PATH                      create the file PATH (a signal to the test)
+//!   wait PATH                      wait (up to 2 minutes) until the file PATH exists
+//!   loop-tcp ADDR:PORT UNTIL       TCP connect again and again until the file UNTIL
+//!                                  exists: `ok=N eperm=M other=K`
 //!
 //! Usage: probe <how> <path>
 //!   open           open for reading
@@ -309,6 +312,28 @@ fn run_step(words: &[&str]) -> String {
                 .and_then(|d| TcpStream::connect_timeout(&d, Duration::from_secs(2)).map(drop)),
         ),
         ["mark", path] => verdict(std::fs::write(path, b"")),
+        ["wait", path] => {
+            let deadline = std::time::Instant::now() + Duration::from_mins(2);
+            while !std::path::Path::new(path).exists() {
+                if std::time::Instant::now() > deadline {
+                    return format!("timed out waiting for {path}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            "waited".into()
+        }
+        ["loop-tcp", dest, until] => {
+            let dest: SocketAddr = dest.parse().expect("address");
+            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+            while !std::path::Path::new(until).exists() {
+                match TcpStream::connect_timeout(&dest, Duration::from_secs(2)) {
+                    Ok(_) => ok += 1,
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+                    Err(_) => other += 1,
+                }
+            }
+            format!("ok={ok} eperm={eperm} other={other}")
+        }
         ["sleep", secs] => {
             std::thread::sleep(Duration::from_secs_f64(secs.parse().expect("seconds")));
             "slept".into()
