@@ -17,7 +17,7 @@ fn profile(deny: &[&str]) -> String {
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     while !done() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
@@ -156,8 +156,8 @@ fn reloads_under_a_connect_loop_never_let_a_denied_connect_through() {
     let _daemon = sb.daemon(&[]);
     let dir = tempfile::tempdir().unwrap();
     let stop = mark(dir.path(), "stop");
-    let step = format!("loop-tcp {target} {stop}");
-    let agents: Vec<Spawned> = (0..3).map(|_| session(&sb, &[&step])).collect();
+    let loop_step = format!("loop-tcp {target} {stop}");
+    let agents: Vec<Spawned> = (0..3).map(|_| session(&sb, &[&loop_step])).collect();
     for i in 0..20 {
         // Each reload renames the rules and adds others around the denied one.
         let extra = format!("127.0.{}.0/24", 100 + i);
