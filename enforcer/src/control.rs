@@ -37,6 +37,11 @@ pub enum Request {
     Status,
     /// Load the rules directory again (as SIGHUP does).
     Reload,
+    /// Stop the daemon; with `unload`, remove enforcement too.
+    Stop {
+        unload: bool,
+        force: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,6 +52,7 @@ pub enum Response {
     Status(Box<Status>),
     /// What the reload put in force.
     Reloaded(String),
+    Stopped,
     Error(String),
 }
 
@@ -111,6 +117,21 @@ async fn handle(stream: UnixStream, controller: Controller) -> Result<()> {
             let reply = match serde_json::from_str::<Request>(&line) {
                 Err(e) => Response::Error(format!("bad request: {e}")),
                 Ok(Request::Status) => Response::Status(Box::new(controller.status())),
+                Ok(Request::Stop { unload, force }) => {
+                    let unloaded = if unload {
+                        let c = controller.clone();
+                        tokio::task::spawn_blocking(move || c.unload(force)).await?
+                    } else {
+                        Ok(())
+                    };
+                    match unloaded {
+                        Ok(()) => {
+                            controller.request_stop();
+                            Response::Stopped
+                        }
+                        Err(e) => Response::Error(format!("{e:#}")),
+                    }
+                }
                 Ok(Request::Reload) => match controller.reload().await {
                     Ok(summary) => Response::Reloaded(summary),
                     Err(e) => Response::Error(format!("{e:#}")),

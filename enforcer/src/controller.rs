@@ -30,8 +30,9 @@ use crate::{
         names::{self, NameVerdict},
         proxy::{Found, Proxy, SessionRef, Stats, StatsSnapshot},
     },
-    kernel::{self, Kernel, Scope},
+    kernel::{self, Kernel, Pins, Scope},
     log,
+    persist::{Persist, Saved, SavedSession},
     policy::{Action, Mode, Profile, ProfileSet, compile, files, target::Host},
     resolve::{Answer, Resolution, Resolver},
 };
@@ -46,6 +47,9 @@ pub struct Config {
     /// Install only these profiles (an embedded controller needs one);
     /// `None` installs every profile.
     pub only_profiles: Option<Vec<String>>,
+    /// Pin enforcement so it outlives this process, and adopt what a
+    /// previous one left (the daemon); `None`: enforcement ends with it.
+    pub persist: Option<Persist>,
     /// Addresses learned from DNS answers stay at least this long, however
     /// short the answer's TTL.
     pub dns_ttl_floor: Duration,
@@ -130,6 +134,9 @@ struct State {
     rules_dir: PathBuf,
     only_profiles: Option<Vec<String>>,
     last_reload: Option<ReloadStatus>,
+    /// Pins and state file of a persisting controller (the daemon).
+    pins: Option<Pins>,
+    saved_to: Option<PathBuf>,
     learned: Learned,
     dns_ttl_floor: Duration,
     /// Where session proxies forward queries; `None`: nowhere (SERVFAIL).
@@ -145,6 +152,91 @@ pub struct Controller {
     dns_stats: Arc<Stats>,
     /// Reloads run one at a time.
     reload_lock: Arc<tokio::sync::Mutex<()>>,
+    /// `enforcer stop` asked the daemon to exit.
+    stop: Arc<tokio::sync::Notify>,
+}
+
+/// Where this controller's sessions live and what it pins: for a
+/// persisting controller that finds its predecessor's pins and state, the
+/// same instance cgroup (the programs' globals name it) and the next
+/// generation of links.
+fn place_instance(config: &Config, root: &Path) -> Result<(Option<Saved>, PathBuf, Option<Pins>)> {
+    cgroup::create_dir(root)?;
+    let saved = match &config.persist {
+        Some(persist) => {
+            kernel::ensure_bpffs()
+                .context("enforcement that outlives the daemon needs the BPF filesystem")?;
+            let pins = Pins::new(&persist.pin_root, 0);
+            let saved = Saved::read(&persist.state_file)?;
+            if pins.exist() && saved.is_none() {
+                bail!(
+                    "{} holds a previous daemon's pinned enforcement, but its state file {} is \
+                     missing, so its sessions cannot be adopted; remove it with `enforcer stop \
+                     --unload --force --pin-dir {}` (this kills the agents it enforces)",
+                    pins.dir.display(),
+                    persist.state_file.display(),
+                    persist.pin_root.display()
+                );
+            }
+            saved.filter(|s| pins.exist() && s.instance_dir.is_dir())
+        }
+        None => None,
+    };
+    let instance_dir = saved.as_ref().map_or_else(
+        || root.join(format!("{}-{}", config.kind, std::process::id())),
+        |s| s.instance_dir.clone(),
+    );
+    sweep_stale_instances(root, &instance_dir);
+    cgroup::create_dir(&instance_dir)?;
+    let pins = config
+        .persist
+        .as_ref()
+        .map(|p| Pins::new(&p.pin_root, saved.as_ref().map_or(1, |s| s.generation + 1)));
+    Ok((saved, instance_dir, pins))
+}
+
+/// Remove what a daemon that is gone left pinned: refused while its
+/// sessions still have processes unless `force`, which kills them.
+pub fn unload_orphaned(persist: &Persist, force: bool) -> Result<()> {
+    let pins = Pins::new(&persist.pin_root, 0);
+    let saved = Saved::read(&persist.state_file)?.unwrap_or_default();
+    let live: Vec<&SavedSession> = saved
+        .sessions
+        .iter()
+        .filter(|s| cgroup::populated(&s.cgroup).unwrap_or(false))
+        .collect();
+    if !live.is_empty() {
+        let names: Vec<&str> = live.iter().map(|s| s.name.as_str()).collect();
+        if !force {
+            bail!(
+                "{} session(s) still run agents ({}): unloading would leave them unprotected; end \
+                 them first, or add --force to kill them",
+                live.len(),
+                names.join(", ")
+            );
+        }
+        for session in &live {
+            cgroup::kill_all(&session.cgroup)?;
+        }
+    }
+    if pins.exist() && live.is_empty() && saved.sessions.is_empty() {
+        let pinned = pins.pinned_sessions()?;
+        if !pinned.is_empty() && !force {
+            bail!(
+                "the pins in {} enforce {} session(s) this daemon's state does not know; add \
+                 --force to remove them anyway",
+                pins.dir.display(),
+                pinned.len()
+            );
+        }
+    }
+    pins.remove_all()
+        .with_context(|| format!("removing the pins in {}", pins.dir.display()))?;
+    Saved::remove(&persist.state_file)?;
+    if saved.instance_dir.is_dir() {
+        let _ = cgroup::remove_tree(&saved.instance_dir);
+    }
+    Ok(())
 }
 
 /// The root of every enforcer instance cgroup.
@@ -176,11 +268,7 @@ impl Controller {
         }
 
         let hierarchy = Hierarchy::find()?;
-        let root = enforcer_root(&hierarchy);
-        cgroup::create_dir(&root)?;
-        sweep_stale_instances(&root);
-        let instance_dir = root.join(format!("{}-{}", config.kind, std::process::id()));
-        cgroup::create_dir(&instance_dir)?;
+        let (saved, instance_dir, pins) = place_instance(&config, &enforcer_root(&hierarchy))?;
 
         let (rules, first_ids) = rule_table(&profiles)?;
         let offsets = kernel_offsets();
@@ -190,11 +278,14 @@ impl Controller {
             instance_cgroup_level: i32::try_from(hierarchy.level(&instance_dir)?)?,
             rule_count: u32::try_from(rules.len())?,
             offsets,
+            pins: pins.as_ref(),
         });
         let mut kernel = match kernel {
             Ok(k) => k,
             Err(e) => {
-                let _ = cgroup::remove_tree(&instance_dir);
+                if saved.is_none() {
+                    let _ = cgroup::remove_tree(&instance_dir);
+                }
                 return Err(e.into());
             }
         };
@@ -209,11 +300,13 @@ impl Controller {
             sessions: BTreeMap::new(),
             log,
             instance_dir,
-            next_session: 1,
+            next_session: saved.as_ref().map_or(1, |s| s.next_session),
             kind: config.kind,
             file_policies: BTreeMap::new(),
-            next_profile_id: 1,
-            next_file_policy: 1,
+            next_profile_id: saved.as_ref().map_or(1, |s| s.next_profile_id),
+            next_file_policy: saved.as_ref().map_or(1, |s| s.next_file_policy),
+            pins,
+            saved_to: config.persist.as_ref().map(|p| p.state_file.clone()),
             rules_dir: config.rules_dir.clone(),
             only_profiles: config.only_profiles.clone(),
             last_reload: None,
@@ -224,23 +317,15 @@ impl Controller {
         let wanted: Vec<String> = config
             .only_profiles
             .unwrap_or_else(|| state.profiles.profiles.keys().cloned().collect());
+        let names: Vec<&str> = wanted
+            .iter()
+            .flat_map(|n| state.profiles.profiles[n].host_names())
+            .collect();
+        let answers = resolver.resolve_all(names).await;
         for name in &wanted {
-            let profile = &state.profiles.profiles[name];
-            let resolutions = resolver.resolve_all(profile.host_names()).await;
-            warn_unresolved(profile, &resolutions);
-            let id = state.next_profile_id;
-            state.next_profile_id += 1;
-            state.installed.insert(
-                name.clone(),
-                Installed {
-                    id,
-                    first_rule_id: first_ids[name],
-                    resolutions,
-                    entries: HashMap::new(),
-                },
-            );
-            state.apply(name)?;
+            warn_unresolved(&state.profiles.profiles[name], &answers);
         }
+        state.install_all(&wanted, &first_ids, &answers)?;
 
         let controller = Controller {
             state: Arc::new(Mutex::new(state)),
@@ -248,11 +333,112 @@ impl Controller {
             resolver: Arc::new(resolver),
             dns_stats: Arc::new(Stats::default()),
             reload_lock: Arc::new(tokio::sync::Mutex::new(())),
+            stop: Arc::new(tokio::sync::Notify::new()),
         };
+        if let Some(saved) = saved {
+            controller.adopt(&saved)?;
+        }
+        controller.go_live()?;
         controller.spawn_event_reader()?;
         controller.spawn_refresher();
         controller.spawn_sweeper();
         Ok(controller)
+    }
+
+    /// Attach the programs, only now that the rules are installed and any
+    /// adopted sessions switched, so they never see half a set-up; then
+    /// detach a previous daemon's file programs and save the state.
+    fn go_live(&self) -> Result<()> {
+        let mut state = self.state();
+        state.kernel.attach()?;
+        if let Some(pins) = &state.pins {
+            pins.remove_old_links()
+                .context("detaching the previous controller's programs")?;
+        }
+        state.save();
+        Ok(())
+    }
+
+    /// Take over the sessions a previous daemon left enforced: serve their
+    /// DNS again, switch them to the rules just installed (one map update
+    /// each), then remove what the old rules left in the maps.
+    fn adopt(&self, saved: &Saved) -> Result<()> {
+        let mut state = self.state();
+        for s in &saved.sessions {
+            let alive = s.cgroup.is_dir() && cgroup::id(&s.cgroup).ok() == Some(s.cgroup_id);
+            if !alive {
+                continue;
+            }
+            if !state.installed.contains_key(&s.profile) {
+                tracing::error!(
+                    "session {} uses profile `{}`, which the rules no longer have: it keeps the \
+                     rules it had until it ends; restore the profile and reload",
+                    s.name,
+                    s.profile
+                );
+                continue;
+            }
+            let (file_policy, _) = state.file_policy_for(&s.profile, s.uid, s.allow_degraded)?;
+            let (profile_id, flags) = state
+                .session_rules(&s.profile, s.forced_audit)
+                .context("profile just installed")?;
+            // The same proxy port if it is still free, so the switch of the
+            // session's value below changes nothing for DNS in flight.
+            let session_ref = SessionRef {
+                name: s.name.clone(),
+                profile: s.profile.clone(),
+                audit: flags & SESSION_AUDIT != 0,
+            };
+            let proxy = Proxy::start_on(
+                self.clone(),
+                session_ref.clone(),
+                state.dns_upstream,
+                Some(s.dns_port_v4),
+            )
+            .or_else(|_| Proxy::start_on(self.clone(), session_ref, state.dns_upstream, None))
+            .with_context(|| format!("serving DNS for adopted session {}", s.name))?;
+            state.kernel.set_session(
+                s.cgroup_id,
+                Session {
+                    profile_id,
+                    flags,
+                    file_policy,
+                    dns_port_v4: proxy.port_v4,
+                    dns_port_v6: proxy.port_v6,
+                },
+            )?;
+            tracing::info!("adopted session {} ({})", s.name, s.cgroup.display());
+            state.sessions.insert(
+                s.cgroup_id,
+                LiveSession {
+                    grant: Grant {
+                        name: s.name.clone(),
+                        profile: s.profile.clone(),
+                        cgroup: s.cgroup.clone(),
+                        cgroup_id: s.cgroup_id,
+                        audit: flags & SESSION_AUDIT != 0,
+                        degraded: s.degraded.clone(),
+                    },
+                    uid: s.uid,
+                    forced_audit: s.forced_audit,
+                    allow_degraded: s.allow_degraded,
+                    proxy,
+                    // Its `enforcer run` lost its connection with the old
+                    // daemon: the session ends when its cgroup empties.
+                    attached: false,
+                    started: s.started.clone(),
+                },
+            );
+        }
+        let sessions: HashSet<u64> = state.sessions.keys().copied().collect();
+        let profiles: HashSet<u32> = state.installed.values().map(|i| i.id).collect();
+        let policies: HashSet<u32> = state.file_policies.values().map(|p| p.id).collect();
+        let removed = state.kernel.retain(&sessions, &profiles, &policies)?;
+        tracing::info!(
+            "adopted {} session(s) from the previous daemon; removed {removed} stale map entries",
+            sessions.len()
+        );
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -281,7 +467,7 @@ impl Controller {
         let path = state.instance_dir.join(&name);
         cgroup::create_dir(&path)?;
         let cgroup_id = cgroup::id(&path)?;
-        let proxy = Proxy::start(
+        let proxy = Proxy::start_on(
             self.clone(),
             SessionRef {
                 name: name.clone(),
@@ -289,6 +475,7 @@ impl Controller {
                 audit: flags & SESSION_AUDIT != 0,
             },
             state.dns_upstream,
+            None,
         );
         let proxy = match proxy {
             Ok(p) => p,
@@ -334,6 +521,7 @@ impl Controller {
                 started: jiff::Timestamp::now().to_string(),
             },
         );
+        state.save();
         Ok(grant)
     }
 
@@ -369,6 +557,7 @@ impl Controller {
         }
         state.kernel.remove_session(cgroup_id)?;
         state.sessions.remove(&cgroup_id);
+        state.save();
         cgroup::remove_tree(&path)
     }
 
@@ -378,6 +567,67 @@ impl Controller {
         let ids: Vec<u64> = self.state().sessions.keys().copied().collect();
         for id in ids {
             self.close_session(id, true)?;
+        }
+        Ok(())
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.notify_one();
+    }
+
+    pub async fn stop_requested(&self) {
+        self.stop.notified().await;
+    }
+
+    /// Whether this controller's enforcement outlives it (pinned).
+    pub fn persists(&self) -> bool {
+        self.state().pins.is_some()
+    }
+
+    /// Stop this process but leave enforcement in force: sessions stay
+    /// enforced by the pinned programs and maps, and the next daemon adopts
+    /// them.
+    pub fn leave_enforcing(&self) {
+        self.drain_events();
+        let state = self.state();
+        state.save();
+        tracing::info!(
+            "stopping; {} session(s) stay enforced by the pinned programs until a daemon adopts them \
+             (`enforcer stop --unload` removes enforcement)",
+            state.sessions.len()
+        );
+    }
+
+    /// Remove enforcement for good: refused while sessions have processes
+    /// unless `force`, which kills them. Then the pins and the saved state go
+    /// (the programs detach when this process exits).
+    pub fn unload(&self, force: bool) -> Result<()> {
+        let live: Vec<String> = {
+            let state = self.state();
+            state
+                .sessions
+                .values()
+                // Attached: its `enforcer run` may not have started the agent yet.
+                .filter(|s| s.attached || cgroup::populated(&s.grant.cgroup).unwrap_or(true))
+                .map(|s| s.grant.name.clone())
+                .collect()
+        };
+        if !live.is_empty() && !force {
+            bail!(
+                "{} session(s) still run agents ({}): unloading would leave them unprotected; end \
+                 them first, or add --force to kill them",
+                live.len(),
+                live.join(", ")
+            );
+        }
+        self.kill_all_sessions()?;
+        let mut state = self.state();
+        if let Some(pins) = state.pins.take() {
+            pins.remove_all()
+                .with_context(|| format!("removing the pins in {}", pins.dir.display()))?;
+        }
+        if let Some(file) = state.saved_to.take() {
+            Saved::remove(&file)?;
         }
         Ok(())
     }
@@ -427,10 +677,13 @@ impl Controller {
                     continue;
                 }
             };
-            drop(item);
+            // Written before the event is released from the ring buffer: if
+            // the controller dies in between, the next one (the buffer is
+            // pinned) writes it again rather than never.
             if let Err(e) = state.log.write(&record) {
                 tracing::error!("{e:#}");
             }
+            drop(item);
         }
     }
 
@@ -813,6 +1066,42 @@ impl Controller {
 }
 
 impl State {
+    /// Write what a restarted daemon needs to adopt the sessions (nothing
+    /// for an embedded controller). A failure is logged: enforcement goes
+    /// on, but a restart would not adopt the newest sessions.
+    fn save(&self) {
+        let (Some(file), Some(pins)) = (&self.saved_to, &self.pins) else {
+            return;
+        };
+        let saved = Saved {
+            instance_dir: self.instance_dir.clone(),
+            generation: pins.generation,
+            next_profile_id: self.next_profile_id,
+            next_file_policy: self.next_file_policy,
+            next_session: self.next_session,
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(id, s)| SavedSession {
+                    cgroup_id: *id,
+                    name: s.grant.name.clone(),
+                    profile: s.grant.profile.clone(),
+                    cgroup: s.grant.cgroup.clone(),
+                    uid: s.uid,
+                    forced_audit: s.forced_audit,
+                    allow_degraded: s.allow_degraded,
+                    degraded: s.grant.degraded.clone(),
+                    dns_port_v4: s.proxy.port_v4,
+                    dns_port_v6: s.proxy.port_v6,
+                    started: s.started.clone(),
+                })
+                .collect(),
+        };
+        if let Err(e) = saved.write(file) {
+            tracing::error!("saving the daemon's state: {e:#}");
+        }
+    }
+
     /// Put a new rule set in force (see `Controller::reload`).
     fn swap_rules(
         &mut self,
@@ -877,6 +1166,7 @@ impl State {
         }
         self.kernel
             .reset_rule_hits(u32::try_from(self.rules.len())?)?;
+        self.save();
         Ok(format!(
             "{} profile(s), {} rule(s), {} session(s) switched",
             wanted.len(),
@@ -1394,8 +1684,11 @@ fn warn_unresolved(profile: &Profile, resolutions: &BTreeMap<String, Resolution>
 
 /// Instances whose controller died leave cgroups behind. Empty ones are
 /// removed; populated ones are reported, because nothing enforces them now.
-fn sweep_stale_instances(root: &Path) {
+fn sweep_stale_instances(root: &Path, adopted: &Path) {
     for dir in cgroup::children(root).unwrap_or_default() {
+        if dir == adopted {
+            continue;
+        }
         let pid_alive = dir
             .file_name()
             .and_then(|n| n.to_str())
@@ -1410,8 +1703,9 @@ fn sweep_stale_instances(root: &Path) {
             let _ = cgroup::remove_tree(&dir);
         } else {
             tracing::error!(
-                "{} holds processes whose controller is gone: they are NOT enforced; \
-                 kill them or move them into a new session",
+                "{} holds processes whose controller is gone: a daemon's pinned programs still \
+                 enforce them until a daemon with its --pin-dir adopts them; those of an \
+                 `enforcer run` are NOT enforced: kill them or move them into a new session",
                 dir.display()
             );
         }

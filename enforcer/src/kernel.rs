@@ -2,12 +2,17 @@
 //! object, attaching the cgroup programs, writing rule and session entries,
 //! and reading counters. Nothing else in the controller calls aya.
 
-use std::{fs::File, net::IpAddr, path::Path};
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm},
+    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, links::FdLink},
 };
 use enforcer_common::{
     Counter, InodeKey, InodeRule, KernelOffsets, NAME_BYTES, NameKey, NameRule,
@@ -60,6 +65,13 @@ pub enum KernelError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("pinning {what} at {path} in the BPF filesystem: {source}")]
+    Pin {
+        what: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening cgroup {path} to attach programs: {source}")]
     Cgroup {
         path: String,
@@ -83,6 +95,137 @@ pub struct Scope<'a> {
     pub rule_count: u32,
     /// Kernel struct offsets for the file program, or why they are unknown.
     pub offsets: std::result::Result<KernelOffsets, String>,
+    /// Pin maps and links here so enforcement outlives the process (the
+    /// daemon); `None`: everything goes with the process (`enforcer run`).
+    pub pins: Option<&'a Pins>,
+}
+
+/// Bumped whenever a map's layout changes: pins of another version are
+/// never reused.
+pub const PIN_VERSION: u32 = 1;
+
+/// Every map the programs share, pinned by name so a restarted controller
+/// (or a new version with the same layout) keeps the rules, sessions,
+/// queued events and counters.
+const PINNED_MAPS: [&str; 11] = [
+    maps::SESSIONS,
+    maps::NET_RULES_V4,
+    maps::NET_RULES_V6,
+    maps::FILE_INODES,
+    maps::NAME_PREFIX,
+    maps::NAME_SUFFIX,
+    "NAME_SCRATCH",
+    maps::DNS_ORIGINAL,
+    maps::EVENTS,
+    maps::COUNTERS,
+    maps::RULE_HITS,
+];
+
+/// Where the daemon pins what must outlive it, in the BPF filesystem:
+/// `<root>/v<PIN_VERSION>/maps/<MAP>` and `.../links-<generation>/<program>`.
+/// Each controller start attaches a new generation of links before it
+/// removes the previous one, so the programs are never all detached.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+    pub dir: PathBuf,
+    pub generation: u64,
+}
+
+impl Pins {
+    pub fn new(root: &Path, generation: u64) -> Pins {
+        Pins {
+            root: root.to_owned(),
+            dir: root.join(format!("v{PIN_VERSION}")),
+            generation,
+        }
+    }
+
+    fn maps(&self) -> PathBuf {
+        self.dir.join("maps")
+    }
+
+    /// Links of the cgroup programs: kept across controllers, their
+    /// programs swapped in place.
+    fn cgroup_links(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+
+    /// Links of the LSM programs of this generation.
+    fn lsm_links(&self) -> PathBuf {
+        self.dir.join(format!("lsm-{}", self.generation))
+    }
+
+    /// Whether maps are pinned here (a previous controller's).
+    pub fn exist(&self) -> bool {
+        self.maps().join(maps::SESSIONS).exists()
+    }
+
+    /// Remove the LSM links of every other generation: their programs
+    /// detach (this generation's stay attached).
+    pub fn remove_old_links(&self) -> std::io::Result<()> {
+        let current = self.lsm_links();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let is_links = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("lsm-"));
+            if is_links && path != current {
+                std::fs::remove_dir_all(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove every pin: the programs detach and the maps go once nothing
+    /// holds them.
+    pub fn remove_all(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => {
+                // The root goes too unless another version's pins are there.
+                let _ = std::fs::remove_dir(&self.root);
+                Ok(())
+            }
+        }
+    }
+
+    /// The pinned sessions map, read without loading anything: cgroup ids
+    /// of the sessions the pins enforce.
+    pub fn pinned_sessions(&self) -> Result<Vec<u64>> {
+        let path = self.maps().join(maps::SESSIONS);
+        let data = MapData::from_pin(&path).map_err(|source| KernelError::MapType {
+            name: maps::SESSIONS,
+            source,
+        })?;
+        let map: HashMap<MapData, u64, Session> = HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| KernelError::MapType {
+                name: maps::SESSIONS,
+                source,
+            })?;
+        Ok(map.keys().filter_map(std::result::Result::ok).collect())
+    }
+}
+
+/// Mount the BPF filesystem at /sys/fs/bpf if nothing is mounted there.
+pub fn ensure_bpffs() -> std::io::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "));
+    if mounted {
+        return Ok(());
+    }
+    let status = std::process::Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(
+            "`mount -t bpf bpf /sys/fs/bpf` failed: mount the BPF filesystem there",
+        ))
+    }
 }
 
 /// The loaded and attached programs and handles to their maps. Dropping it
@@ -99,6 +242,11 @@ pub struct Kernel {
     name_suffix: LpmTrie<MapData, NameKey, NameRule>,
     /// Whether file rules are enforced, or why not.
     pub file_enforcement: std::result::Result<(), String>,
+    /// Links of the attached programs when they are not pinned: dropping
+    /// them detaches the programs.
+    links: Vec<FdLink>,
+    pins: Option<Pins>,
+    attach_cgroup: PathBuf,
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
@@ -115,7 +263,30 @@ where
 impl Kernel {
     pub fn load(scope: &Scope<'_>) -> Result<Kernel> {
         let offsets = scope.offsets.clone().unwrap_or_default();
-        let mut ebpf = EbpfLoader::new()
+        let pin_paths: Vec<(&str, PathBuf)> = match scope.pins {
+            Some(pins) => {
+                // Links left by a start of this generation that failed
+                // half-way; the previous generation's stay until we are up.
+                let _ = std::fs::remove_dir_all(pins.lsm_links());
+                for dir in [pins.maps(), pins.cgroup_links(), pins.lsm_links()] {
+                    std::fs::create_dir_all(&dir).map_err(|source| KernelError::Pin {
+                        what: "a directory".into(),
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+                PINNED_MAPS
+                    .iter()
+                    .map(|name| (*name, pins.maps().join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .override_global(globals::INSTANCE_CGROUP_ID, &scope.instance_cgroup_id, true)
             .override_global(
                 globals::INSTANCE_CGROUP_LEVEL,
@@ -127,42 +298,23 @@ impl Kernel {
             .map_max_entries(maps::FILE_INODES, MAX_FILE_INODES)
             .load(OBJECT)
             .map_err(KernelError::Load)?;
-        let cgroup = File::open(scope.attach_cgroup).map_err(|source| KernelError::Cgroup {
-            path: scope.attach_cgroup.display().to_string(),
-            source,
-        })?;
         for name in NET_PROGRAMS {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Program {
-                    name,
-                    what: "be found in the object",
-                    source: aya::programs::ProgramError::UnexpectedProgramType,
-                })?
-                .try_into()
+            cgroup_program(&mut ebpf, name)?
+                .load()
                 .map_err(|source| KernelError::Program {
                     name,
                     what: "load",
                     source,
                 })?;
-            program.load().map_err(|source| KernelError::Program {
-                name,
-                what: "load",
-                source,
-            })?;
-            program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| KernelError::Program {
-                    name,
-                    what: "attach",
-                    source,
-                })?;
         }
         let file_enforcement = match &scope.offsets {
-            Ok(_) => attach_file_program(&mut ebpf),
+            Ok(_) => load_file_programs(&mut ebpf),
             Err(why) => Err(why.clone()),
         };
         Ok(Kernel {
+            links: Vec::new(),
+            pins: scope.pins.cloned(),
+            attach_cgroup: scope.attach_cgroup.to_owned(),
             file_enforcement,
             inodes: take_map(&mut ebpf, maps::FILE_INODES)?,
             name_prefix: take_map(&mut ebpf, maps::NAME_PREFIX)?,
@@ -174,6 +326,68 @@ impl Kernel {
             rule_hits: take_map(&mut ebpf, maps::RULE_HITS)?,
             ebpf,
         })
+    }
+
+    /// Attach the loaded programs. A cgroup program whose link a previous
+    /// controller pinned takes that link over: the program inside it is
+    /// swapped atomically (`BPF_LINK_UPDATE`), so no connect is judged by
+    /// neither program or by both. The file programs (LSM links cannot be
+    /// updated) get new links; the caller removes the previous generation's
+    /// right after (`Pins::remove_old_links`).
+    pub fn attach(&mut self) -> Result<()> {
+        let cgroup = File::open(&self.attach_cgroup).map_err(|source| KernelError::Cgroup {
+            path: self.attach_cgroup.display().to_string(),
+            source,
+        })?;
+        for name in NET_PROGRAMS {
+            let pins = self.pins.clone();
+            let program = cgroup_program(&mut self.ebpf, name)?;
+            let program_error = |what, source| KernelError::Program { name, what, source };
+            if let Some(pins) = &pins {
+                let pinned = pins.cgroup_links().join(name);
+                if pinned.exists() {
+                    let fd = program
+                        .fd()
+                        .map_err(|e| program_error("be loaded", e))?
+                        .as_fd()
+                        .as_raw_fd();
+                    update_pinned_link(&pinned, fd).map_err(|source| KernelError::Pin {
+                        what: format!("a new `{name}` program into its pinned link"),
+                        path: pinned.display().to_string(),
+                        source,
+                    })?;
+                    continue;
+                }
+            }
+            let link = program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .and_then(|id| program.take_link(id))
+                .map_err(|e| program_error("attach", e))?;
+            let link = FdLink::try_from(link).map_err(|e| {
+                program_error(
+                    "attach with a BPF link (kernel 5.7 or later)",
+                    aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_link_create",
+                        io_error: std::io::Error::other(e),
+                    }),
+                )
+            })?;
+            let pin_at = pins.as_ref().map(|p| p.cgroup_links().join(name));
+            self.links.extend(hold_link(pin_at.as_deref(), name, link)?);
+        }
+        if self.file_enforcement.is_ok() {
+            let pin_dir = self.pins.as_ref().map(Pins::lsm_links);
+            let links =
+                attach_file_programs(&mut self.ebpf, pin_dir.as_deref()).map_err(|why| {
+                    KernelError::Pin {
+                        what: "the file programs".into(),
+                        path: String::new(),
+                        source: std::io::Error::other(why),
+                    }
+                })?;
+            self.links.extend(links);
+        }
+        Ok(())
     }
 
     /// The ring buffer of denial events; taken once by the event reader.
@@ -272,6 +486,68 @@ impl Kernel {
         }
     }
 
+    /// Remove what a previous controller left in the pinned maps and
+    /// nothing now uses: sessions not in `sessions`, network entries of
+    /// profile ids not in `profiles`, file entries of policies not in
+    /// `policies`. Returns how many entries went.
+    pub fn retain(
+        &mut self,
+        sessions: &std::collections::HashSet<u64>,
+        profiles: &std::collections::HashSet<u32>,
+        policies: &std::collections::HashSet<u32>,
+    ) -> Result<usize> {
+        let mut removed = 0;
+        let stale: Vec<u64> = self
+            .sessions
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|id| !sessions.contains(id))
+            .collect();
+        for id in stale {
+            self.remove_session(id)?;
+            removed += 1;
+        }
+        let stale_v4: Vec<Key<V4Key>> = self
+            .rules_v4
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !profiles.contains(&u32::from_be_bytes(k.data().profile)))
+            .collect();
+        for key in stale_v4 {
+            removed += usize::from(self.rules_v4.remove(&key).is_ok());
+        }
+        let stale_v6: Vec<Key<V6Key>> = self
+            .rules_v6
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !profiles.contains(&u32::from_be_bytes(k.data().profile)))
+            .collect();
+        for key in stale_v6 {
+            removed += usize::from(self.rules_v6.remove(&key).is_ok());
+        }
+        let stale_inodes: Vec<InodeKey> = self
+            .inodes
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !policies.contains(&k.policy))
+            .collect();
+        for key in stale_inodes {
+            self.remove_inode(&key)?;
+            removed += 1;
+        }
+        for trie in [&mut self.name_prefix, &mut self.name_suffix] {
+            let stale: Vec<Key<NameKey>> = trie
+                .keys()
+                .filter_map(std::result::Result::ok)
+                .filter(|k| !policies.contains(&(k.data().scope >> 16)))
+                .collect();
+            for key in stale {
+                removed += usize::from(trie.remove(&key).is_ok());
+            }
+        }
+        Ok(removed)
+    }
+
     /// How many rule ids the hit counters have room for.
     pub fn rule_hit_capacity(&self) -> u32 {
         self.rule_hits.len()
@@ -352,7 +628,7 @@ fn sum_cpus(map: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
 /// Whether BPF LSM is active: the LSM list from securityfs (mounted if it
 /// is not), then the real test, loading and attaching the `file_open`
 /// program. Returns why not, with what to do.
-fn attach_file_program(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
+fn load_file_programs(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
     let active = active_lsms();
     if let Some(list) = &active
         && !list.split(',').any(|l| l == "bpf")
@@ -366,29 +642,142 @@ fn attach_file_program(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
         format!("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: {e}; the kernel needs CONFIG_DEBUG_INFO_BTF=y")
     })?;
     for name in FILE_PROGRAMS {
-        let program: &mut Lsm = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("the kernel object has no `{name}` program"))?
-            .try_into()
-            .map_err(|e| format!("`{name}` is not an LSM program: {e}"))?;
-        let refused = |what: &str, e: &dyn std::fmt::Display| {
-            format!(
-                "the kernel refused to {what} the BPF LSM program `{name}` ({e}){}: file rules \
-                 need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
-                match &active {
-                    Some(list) => format!("; the LSM list is `{list}`"),
-                    None => String::new(),
-                }
-            )
-        };
-        program
+        lsm_program(ebpf, name)?
             .load(name, &btf)
-            .map_err(|e| refused("load", &error_chain(&e)))?;
-        program
-            .attach()
-            .map_err(|e| refused("attach", &error_chain(&e)))?;
+            .map_err(|e| lsm_refused(name, "load", &error_chain(&e), active.as_deref()))?;
     }
     Ok(())
+}
+
+/// Attach the loaded file programs, pinning their links in `pin_dir` or
+/// returning them to be held.
+fn attach_file_programs(
+    ebpf: &mut Ebpf,
+    pin_dir: Option<&Path>,
+) -> std::result::Result<Vec<FdLink>, String> {
+    let mut links = Vec::new();
+    for name in FILE_PROGRAMS {
+        let program = lsm_program(ebpf, name)?;
+        let link = program
+            .attach()
+            .and_then(|id| program.take_link(id))
+            .map_err(|e| lsm_refused(name, "attach", &error_chain(&e), active_lsms().as_deref()))?;
+        let pin_at = pin_dir.map(|d| d.join(name));
+        links.extend(hold_link(pin_at.as_deref(), name, link.into()).map_err(|e| e.to_string())?);
+    }
+    Ok(links)
+}
+
+fn lsm_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> std::result::Result<&'a mut Lsm, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("the kernel object has no `{name}` program"))?
+        .try_into()
+        .map_err(|e| format!("`{name}` is not an LSM program: {e}"))
+}
+
+fn lsm_refused(name: &str, what: &str, error: &str, active: Option<&str>) -> String {
+    format!(
+        "the kernel refused to {what} the BPF LSM program `{name}` ({error}){}: file rules \
+         need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
+        match active {
+            Some(list) => format!("; the LSM list is `{list}`"),
+            None => String::new(),
+        }
+    )
+}
+
+fn cgroup_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or(KernelError::Program {
+            name,
+            what: "be found in the object",
+            source: aya::programs::ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| KernelError::Program {
+            name,
+            what: "load",
+            source,
+        })
+}
+
+/// `bpf()` commands aya 0.14 does not wrap (numbers from the kernel's
+/// `enum bpf_cmd`, a stable ABI).
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Swap `program` into the link pinned at `path`, atomically.
+fn update_pinned_link(path: &Path, program: std::os::fd::RawFd) -> std::io::Result<()> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let get = ObjGet {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid attr of the size passed; the path outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let link = unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(i32::try_from(fd).map_err(std::io::Error::other)?)
+    };
+    let update = LinkUpdate {
+        link_fd: u32::try_from(link.as_raw_fd()).map_err(std::io::Error::other)?,
+        new_prog_fd: u32::try_from(program).map_err(std::io::Error::other)?,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: as above.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const update,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if done < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Keep an attached program's link alive: pinned at `pin_at` when
+/// enforcement must outlive this process (nothing to hold then), otherwise
+/// returned for the `Kernel` to hold for its life.
+fn hold_link(pin_at: Option<&Path>, name: &str, link: FdLink) -> Result<Option<FdLink>> {
+    let Some(path) = pin_at else {
+        return Ok(Some(link));
+    };
+    link.pin(path).map_err(|e| KernelError::Pin {
+        what: format!("the link of program `{name}`"),
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(None)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -426,5 +815,6 @@ pub fn probe_file_enforcement() -> std::result::Result<(), String> {
         .map_max_entries(maps::FILE_INODES, 1)
         .load(OBJECT)
         .map_err(|e| format!("loading the kernel object failed: {}", error_chain(&e)))?;
-    attach_file_program(&mut ebpf)
+    load_file_programs(&mut ebpf)?;
+    attach_file_programs(&mut ebpf, None).map(drop)
 }

@@ -11,6 +11,7 @@ mod explain;
 mod features;
 mod kernel;
 mod log;
+mod persist;
 mod policy;
 mod resolve;
 mod service;
@@ -68,6 +69,9 @@ enum Command {
     /// Make the daemon load its rules directory again (as SIGHUP does); the
     /// rules in force stay in force if the new ones are invalid.
     Reload,
+    /// Stop the daemon; with `--unload`, also remove enforcement (the only
+    /// way it goes away).
+    Stop(StopArgs),
 }
 
 #[derive(Args)]
@@ -121,6 +125,41 @@ struct RunArgs {
 struct DaemonArgs {
     #[command(flatten)]
     controller: ControllerArgs,
+    #[command(flatten)]
+    pins: PinArgs,
+}
+
+#[derive(Args)]
+struct PinArgs {
+    /// Where the daemon pins its programs, links and maps in the BPF
+    /// filesystem, so enforcement outlives it (a restarted daemon adopts
+    /// them). The BPF filesystem refuses names with dots.
+    #[arg(long, default_value = "/sys/fs/bpf/enforcer")]
+    pin_dir: PathBuf,
+}
+
+impl PinArgs {
+    /// The daemon's state file sits next to its control socket.
+    fn persist(&self, socket: &Path) -> persist::Persist {
+        persist::Persist {
+            pin_root: self.pin_dir.clone(),
+            state_file: socket.with_file_name("state.json"),
+        }
+    }
+}
+
+#[derive(Args)]
+struct StopArgs {
+    /// Also remove enforcement: detach the programs and delete the pins.
+    /// Without it, the daemon stops and its sessions stay enforced by the
+    /// pinned programs until a daemon adopts them.
+    #[arg(long)]
+    unload: bool,
+    /// With `--unload`: kill the agents of live sessions instead of refusing.
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    pins: PinArgs,
 }
 
 #[derive(Args)]
@@ -173,6 +212,7 @@ impl ControllerArgs {
             resolver: self.resolver,
             kind,
             only_profiles,
+            persist: None,
             dns_ttl_floor: std::time::Duration::from_secs(self.dns_ttl_floor.unwrap_or(60)),
             dns_learned_max: self.dns_learned_max.unwrap_or(65_536),
         }
@@ -226,6 +266,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Command::Check(args) => check(&args).await,
         Command::Explain(args) => explain(&args).await,
         Command::Reload => reload(&cli.socket).await,
+        Command::Stop(args) => stop(&cli.socket, &args).await,
     }
 }
 
@@ -357,7 +398,8 @@ async fn refuse_conflicting_daemon_options(
 
 async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
     let listener = control::bind(socket).await?;
-    let config = args.controller.config("daemon", None);
+    let mut config = args.controller.config("daemon", None);
+    config.persist = Some(args.pins.persist(socket));
     let rules_dir = config.rules_dir.clone();
     let controller = Controller::start(config).await?;
     if rules_dir.is_dir() {
@@ -380,6 +422,7 @@ async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
             () = &mut serving => break,
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
+            () = controller.stop_requested() => break,
             _ = hangup.recv() => {
                 // SIGHUP: logrotate moved the log away, or the rules changed.
                 if let Err(e) = controller.reopen_log() {
@@ -390,16 +433,52 @@ async fn daemon(socket: &Path, args: &DaemonArgs) -> Result<()> {
         }
     }
     service::notify(&["STOPPING=1"]);
-    // Enforcement ends with this process, so end the agents with it.
-    for session in controller.status().sessions {
-        tracing::warn!(
-            "stopping: killing the processes of session {}",
-            session.name
-        );
-    }
-    controller.kill_all_sessions()?;
     let _ = std::fs::remove_file(socket);
+    if controller.persists() {
+        // The pins keep enforcing; the next daemon adopts the sessions.
+        controller.leave_enforcing();
+        return Ok(());
+    }
+    // Unloaded (`enforcer stop --unload`): enforcement ends with this
+    // process, so the agents end with it.
+    controller.kill_all_sessions()?;
     controller.shutdown()
+}
+
+async fn stop(socket: &Path, args: &StopArgs) -> Result<i32> {
+    if let Some(mut client) = Client::connect(socket).await? {
+        let request = Request::Stop {
+            unload: args.unload,
+            force: args.force,
+        };
+        return match client.request(&request).await? {
+            Response::Stopped => {
+                println!(
+                    "{}",
+                    if args.unload {
+                        "stopped; enforcement removed"
+                    } else {
+                        "stopped; sessions stay enforced until a daemon adopts them"
+                    }
+                );
+                Ok(0)
+            }
+            Response::Error(e) => {
+                eprintln!("enforcer: {e}");
+                Ok(1)
+            }
+            other => bail!("unexpected reply from the daemon: {other:?}"),
+        };
+    }
+    if !args.unload {
+        println!("no daemon on {}; nothing to stop", socket.display());
+        return Ok(0);
+    }
+    // No daemon: remove what a dead one left pinned.
+    let persist = args.pins.persist(socket);
+    controller::unload_orphaned(&persist, args.force)?;
+    println!("enforcement removed ({})", persist.pin_root.display());
+    Ok(0)
 }
 
 async fn reload(socket: &Path) -> Result<i32> {

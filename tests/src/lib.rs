@@ -44,6 +44,19 @@ pub struct Sandbox {
     dir: tempfile::TempDir,
 }
 
+/// A daemon's pinned enforcement outlives it; remove it with the sandbox
+/// (killing what it still enforces).
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let pins = self.pin_dir();
+        if pins.exists() {
+            let _ = self
+                .enforcer(&["stop", "--unload", "--force", "--pin-dir", path_str(&pins)])
+                .output();
+        }
+    }
+}
+
 impl Default for Sandbox {
     fn default() -> Self {
         Self::new()
@@ -56,6 +69,20 @@ impl Sandbox {
         let dir = tempfile::tempdir().expect("creating a temp dir");
         std::fs::create_dir(dir.path().join("rules")).expect("creating the rules dir");
         Sandbox { dir }
+    }
+
+    /// Where this sandbox's daemons pin their enforcement (in the BPF
+    /// filesystem, unique to the sandbox).
+    pub fn pin_dir(&self) -> PathBuf {
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .expect("temp dir name")
+            .to_string_lossy()
+            .into_owned();
+        // The BPF filesystem refuses names with dots.
+        PathBuf::from("/sys/fs/bpf").join(format!("enforcer-test{}", name.replace('.', "-")))
     }
 
     pub fn rules(&self) -> PathBuf {
@@ -140,15 +167,18 @@ impl Sandbox {
     pub fn daemon(&self, extra: &[&str]) -> Spawned {
         let rules = self.rules();
         let log = self.log();
+        let pins = self.pin_dir();
         let mut args = vec![
             "daemon",
             "--rules",
             path_str(&rules),
             "--log",
             path_str(&log),
+            "--pin-dir",
+            path_str(&pins),
         ];
         args.extend_from_slice(extra);
-        let daemon = Spawned(self.enforcer(&args).spawn().expect("starting the daemon"));
+        let mut daemon = Spawned(self.enforcer(&args).spawn().expect("starting the daemon"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !self.socket().exists()
             || self
@@ -162,6 +192,9 @@ impl Sandbox {
                 std::time::Instant::now() < deadline,
                 "the daemon did not come up"
             );
+            if let Ok(Some(status)) = daemon.0.try_wait() {
+                panic!("the daemon exited at start: {status}");
+            }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         daemon

@@ -33,7 +33,12 @@ fn the_unit_file_verifies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for wanted in ["Type=notify", "ExecReload=", "WatchdogSec=", "Restart=on-failure"] {
+    for wanted in [
+        "Type=notify",
+        "ExecReload=",
+        "WatchdogSec=",
+        "Restart=on-failure",
+    ] {
         assert!(text.contains(wanted), "the unit lacks {wanted}");
     }
 }
@@ -50,12 +55,21 @@ fn the_daemon_notifies_systemd() {
         .unwrap();
     let rules = sb.rules();
     let log = sb.log();
+    let pins = sb.pin_dir();
     let mut daemon = Spawned(
-        sb.enforcer(&["daemon", "--rules", path_str(&rules), "--log", path_str(&log)])
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("WATCHDOG_USEC", "200000")
-            .spawn()
-            .unwrap(),
+        sb.enforcer(&[
+            "daemon",
+            "--rules",
+            path_str(&rules),
+            "--log",
+            path_str(&log),
+            "--pin-dir",
+            path_str(&pins),
+        ])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .spawn()
+        .unwrap(),
     );
     let mut seen = Vec::new();
     let mut wait_for = |wanted: &str| {

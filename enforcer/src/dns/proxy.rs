@@ -110,13 +110,15 @@ struct Served {
 
 impl Proxy {
     /// Bind the session's proxy sockets (one port for UDP and TCP on
-    /// 127.0.0.1 and `::1`) and serve them. Must run inside the runtime.
-    pub fn start(
+    /// 127.0.0.1 and `::1`; `port`, or any free one) and serve them. Must
+    /// run inside the runtime.
+    pub fn start_on(
         controller: Controller,
         session: SessionRef,
         upstream: Option<SocketAddr>,
+        port: Option<u16>,
     ) -> io::Result<Proxy> {
-        let sockets = bind_sockets()?;
+        let sockets = bind_sockets(port)?;
         let served = Served {
             controller,
             session: Arc::new(session),
@@ -153,10 +155,11 @@ struct Sockets {
     v6: Option<(std::net::UdpSocket, std::net::TcpListener)>,
 }
 
-fn bind_sockets() -> io::Result<Sockets> {
+fn bind_sockets(wanted: Option<u16>) -> io::Result<Sockets> {
     let mut last = None;
-    for _ in 0..BIND_ATTEMPTS {
-        let udp_v4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let attempts = if wanted.is_some() { 1 } else { BIND_ATTEMPTS };
+    for _ in 0..attempts {
+        let udp_v4 = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, wanted.unwrap_or(0)))?;
         let port = udp_v4.local_addr()?.port();
         let tcp_v4 = match std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
             Ok(t) => t,

@@ -1,0 +1,202 @@
+//! Enforcement that outlives the daemon: programs, links and maps are
+//! pinned, so killing the daemon (even with SIGKILL) leaves every session
+//! enforced with the rules it had; a restarted daemon adopts the sessions
+//! and the queued events; only `enforcer stop --unload` removes it.
+
+use std::{
+    io::Read,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Sandbox, Spawned, listen, path_str, probe_bin};
+
+const PROFILE: &str = "name = \"p\"\n[network]\ndeny = [\"127.0.0.2\"]\n";
+
+fn session(sb: &Sandbox, steps: &[&str]) -> Spawned {
+    Spawned(
+        sb.enforcer(&["run", "--profile", "p", "--", probe_bin(), "steps"])
+            .args(steps)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// The agent's output lines once it has exited.
+fn output(mut agent: Spawned) -> Vec<String> {
+    let mut text = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut text)
+        .unwrap();
+    let _ = agent.0.wait();
+    text.lines().map(str::to_owned).collect()
+}
+
+fn kill9(daemon: &mut Spawned) {
+    daemon.0.kill().unwrap();
+    daemon.0.wait().unwrap();
+}
+
+fn counts(line: &str) -> (u64, u64) {
+    let field = |name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+    };
+    (field("ok="), field("eperm="))
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_mins(1);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
+    let sb = Sandbox::new();
+    sb.profile("p", PROFILE);
+    let (_l, target) = listen("127.0.0.2:0");
+    let mut daemon = sb.daemon(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let stop = dir.path().join("stop");
+    let loop_step = format!("loop-tcp {target} {}", stop.display());
+    let agents: Vec<Spawned> = (0..2).map(|_| session(&sb, &[&loop_step])).collect();
+    wait_for("both sessions", || {
+        sb.status()["sessions"]
+            .as_array()
+            .is_some_and(|s| s.len() == 2)
+    });
+    for _ in 0..5 {
+        kill9(&mut daemon);
+        // No daemon at all now: the pinned programs still judge.
+        std::thread::sleep(Duration::from_millis(300));
+        daemon = sb.daemon(&[]);
+        let status = sb.status();
+        assert_eq!(
+            status["sessions"].as_array().map(Vec::len),
+            Some(2),
+            "the restarted daemon adopted both sessions: {status:#}"
+        );
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let mut denied = 0;
+    for agent in agents {
+        let out = output(agent);
+        let (ok, eperm) = counts(&out[0]);
+        assert_eq!(ok, 0, "a denied connect got through: {out:?}");
+        assert!(eperm > 0);
+        denied += eperm;
+    }
+    // The counters live in a pinned map: exact over every restart.
+    let status = sb.status();
+    assert_eq!(
+        status["counters"]["denied"].as_u64(),
+        Some(denied),
+        "{status:#}"
+    );
+    // Every denial reached the log or was counted lost (a crash between
+    // writing a record and releasing its event may write it twice).
+    std::thread::sleep(Duration::from_millis(500));
+    let logged = sb.records().iter().filter(|r| r["op"] == "connect").count() as u64;
+    let lost = status["counters"]["events_lost"].as_u64().unwrap();
+    assert!(
+        logged + lost >= denied,
+        "{logged} logged + {lost} lost < {denied} denied"
+    );
+    assert!(
+        logged <= denied + 5,
+        "{logged} logged > {denied} denied + 5 restarts"
+    );
+}
+
+#[test]
+fn a_restarted_daemon_puts_changed_rules_in_force_for_adopted_sessions() {
+    let sb = Sandbox::new();
+    sb.profile("p", PROFILE);
+    let (_l, target) = listen("127.0.0.3:0");
+    let mut daemon = sb.daemon(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    let agent = session(
+        &sb,
+        &[
+            &format!("tcp {target}"),
+            &format!("mark {}", started.display()),
+            &format!("wait {}", go.display()),
+            &format!("tcp {target}"),
+        ],
+    );
+    wait_for("the first connect", || started.exists());
+    kill9(&mut daemon);
+    sb.profile(
+        "p",
+        "name = \"p\"\n[network]\ndeny = [\"127.0.0.2\", \"127.0.0.3\"]\n",
+    );
+    let _daemon = sb.daemon(&[]);
+    std::fs::write(&go, b"").unwrap();
+    assert_eq!(output(agent), ["ok", "ok", "waited", "eperm"]);
+}
+
+#[test]
+fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
+    let sb = Sandbox::new();
+    sb.profile("p", PROFILE);
+    let (_l, target) = listen("127.0.0.2:0");
+    let mut daemon = sb.daemon(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (stopped, done) = (dir.path().join("stopped"), dir.path().join("done"));
+    let agent = session(
+        &sb,
+        &[
+            &format!("wait {}", stopped.display()),
+            &format!("tcp {target}"),
+            &format!("wait {}", done.display()),
+        ],
+    );
+    wait_for("the session", || {
+        sb.status()["sessions"]
+            .as_array()
+            .is_some_and(|s| s.len() == 1)
+    });
+    // With the daemon up, unloading is refused while the agent runs.
+    let out = sb.enforcer(&["stop", "--unload"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still run agents"),
+        "{out:?}"
+    );
+    // A plain stop ends the daemon, not enforcement.
+    let out = sb.enforcer(&["stop"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(daemon.0.wait().unwrap().success());
+    std::fs::write(&stopped, b"").unwrap();
+    // Without a daemon: refused too, then forced.
+    let pins = sb.pin_dir();
+    let unload = |force: bool| {
+        let mut args = vec!["stop", "--unload", "--pin-dir", path_str(&pins)];
+        if force {
+            args.push("--force");
+        }
+        sb.enforcer(&args).output().unwrap()
+    };
+    let out = unload(false);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(pins.exists());
+    let out = unload(true);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!pins.exists(), "the pins are gone");
+    // The agent was denied while enforced, then killed by --force.
+    let lines = output(agent);
+    assert_eq!(lines, ["waited", "eperm"], "{lines:?}");
+    assert!(!Path::new(&done).exists());
+}
