@@ -200,3 +200,47 @@ fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
     assert_eq!(lines, ["waited", "eperm"], "{lines:?}");
     assert!(!Path::new(&done).exists());
 }
+
+#[test]
+fn a_full_ring_buffer_loses_nothing_uncounted() {
+    let sb = Sandbox::new();
+    sb.profile("p", PROFILE);
+    let (_l, target) = listen("127.0.0.2:0");
+    let daemon = sb.daemon(&[]);
+    let pid = i32::try_from(daemon.0.id()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (go, done) = (dir.path().join("go"), dir.path().join("done"));
+    let attempts: u64 = 60_000;
+    let agent = session(
+        &sb,
+        &[
+            &format!("wait {}", go.display()),
+            &format!("count-tcp {target} {attempts}"),
+            &format!("mark {}", done.display()),
+        ],
+    );
+    wait_for("the session", || {
+        sb.status()["sessions"]
+            .as_array()
+            .is_some_and(|s| s.len() == 1)
+    });
+    // A stopped daemon drains nothing: the ring buffer (4 MiB, about 37 000
+    // events) fills, and what does not fit must be counted as lost.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::fs::write(&go, b"").unwrap();
+    wait_for("the agent's connects", || done.exists());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let out = output(agent);
+    assert_eq!(counts(&out[1]), (0, attempts), "{out:?}");
+    let logged = || sb.records().iter().filter(|r| r["op"] == "connect").count() as u64;
+    let status = sb.status();
+    let lost = status["counters"]["events_lost"].as_u64().unwrap();
+    assert_eq!(status["counters"]["denied"].as_u64(), Some(attempts));
+    assert!(lost > 0, "the buffer never filled: {status:#}");
+    wait_for("the queued events in the log", || {
+        logged() + lost >= attempts
+    });
+    assert_eq!(logged() + lost, attempts, "{lost} lost");
+}

@@ -25,6 +25,7 @@
 //!   wait PATH                      wait (up to 2 minutes) until the file PATH exists
 //!   loop-tcp ADDR:PORT UNTIL       TCP connect again and again until the file UNTIL
 //!                                  exists: `ok=N eperm=M other=K`
+//!   count-tcp ADDR:PORT COUNT      COUNT TCP connects: `ok=N eperm=M other=K`
 //!
 //! Usage: probe <how> <path>
 //!   open           open for reading
@@ -322,17 +323,13 @@ fn run_step(words: &[&str]) -> String {
             }
             "waited".into()
         }
-        ["loop-tcp", dest, until] => {
-            let dest: SocketAddr = dest.parse().expect("address");
-            let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
-            while !std::path::Path::new(until).exists() {
-                match TcpStream::connect_timeout(&dest, Duration::from_secs(2)) {
-                    Ok(_) => ok += 1,
-                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
-                    Err(_) => other += 1,
-                }
-            }
-            format!("ok={ok} eperm={eperm} other={other}")
+        ["loop-tcp", dest, until] => connect_loop(dest, || !std::path::Path::new(until).exists()),
+        ["count-tcp", dest, count] => {
+            let mut left: u64 = count.parse().expect("count");
+            connect_loop(dest, || {
+                left = left.saturating_sub(1);
+                left > 0
+            })
         }
         ["sleep", secs] => {
             std::thread::sleep(Duration::from_secs_f64(secs.parse().expect("seconds")));
@@ -432,4 +429,22 @@ fn dns_query(server: &str, name: &str, qtype: &str, tcp: bool) -> Result<String,
         }
     }
     Ok(out.join(" "))
+}
+
+/// TCP connects to `dest` for as long as `go_on` says (at least one):
+/// `ok=N eperm=M other=K`.
+fn connect_loop(dest: &str, mut go_on: impl FnMut() -> bool) -> String {
+    let dest: SocketAddr = dest.parse().expect("address");
+    let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
+    loop {
+        match TcpStream::connect_timeout(&dest, Duration::from_secs(2)) {
+            Ok(_) => ok += 1,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
+            Err(_) => other += 1,
+        }
+        if !go_on() {
+            break;
+        }
+    }
+    format!("ok={ok} eperm={eperm} other={other}")
 }
