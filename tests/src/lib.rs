@@ -263,3 +263,28 @@ pub fn listen(addr: &str) -> (TcpListener, SocketAddr) {
     let local = listener.local_addr().expect("listener address");
     (listener, local)
 }
+
+/// Whether this kernel can enforce file rules. Where the VM run sets
+/// `ENFORCER_REQUIRE_LSM`, not being able to is a failure, not a skip.
+pub fn bpf_lsm() -> bool {
+    let out = Command::new(enforcer_bin())
+        .args(["--socket", "/nonexistent/enforcer.sock", "status", "--json"])
+        .output()
+        .expect("running enforcer status");
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    let file_rules = status["features"]["file_rules"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    let enforced = file_rules == "enforced";
+    if !enforced {
+        assert!(
+            std::env::var_os("ENFORCER_REQUIRE_LSM").is_none(),
+            "this kernel must enforce file rules, but: {file_rules}"
+        );
+        eprintln!(
+            "skipped: file rules are not enforceable on this kernel ({file_rules}); the VM run covers them"
+        );
+    }
+    enforced
+}

@@ -173,3 +173,37 @@ fn reloads_under_a_connect_loop_never_let_a_denied_connect_through() {
         assert!(!out[0].starts_with("ok=0 eperm=0 "), "{out:?}");
     }
 }
+
+#[test]
+fn reloads_under_an_open_loop_never_let_a_protected_file_be_read() {
+    if !integration_tests::bpf_lsm() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("token");
+    std::fs::write(&secret, b"secret").unwrap();
+    let files = |extra: &str| {
+        format!(
+            "name = \"p\"\n[network]\ndeny = [\"{extra}\"]\n[files]\ndeny = [\"{}\"]\n",
+            secret.display()
+        )
+    };
+    sb.profile("p", &files("10.0.0.0/8"));
+    let _daemon = sb.daemon(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let stop = mark(dir.path(), "stop");
+    let loop_step = format!("loop-open {} {stop}", secret.display());
+    let agents: Vec<Spawned> = (0..2).map(|_| session(&sb, &[&loop_step])).collect();
+    for i in 0..10 {
+        sb.profile("p", &files(&format!("10.{i}.0.0/16")));
+        let out = reload(&sb);
+        assert!(out.status.success(), "{out:?}");
+    }
+    std::fs::write(&stop, b"").unwrap();
+    for agent in agents {
+        let out = output(agent);
+        assert!(out[0].starts_with("ok=0 eperm="), "{out:?}");
+        assert!(!out[0].starts_with("ok=0 eperm=0 "), "{out:?}");
+    }
+}

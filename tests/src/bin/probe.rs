@@ -26,6 +26,7 @@
 //!   loop-tcp ADDR:PORT UNTIL       TCP connect again and again until the file UNTIL
 //!                                  exists: `ok=N eperm=M other=K`
 //!   count-tcp ADDR:PORT COUNT      COUNT TCP connects: `ok=N eperm=M other=K`
+//!   loop-open PATH UNTIL           open PATH for reading again and again until UNTIL exists
 //!
 //! Usage: probe <how> <path>
 //!   open           open for reading
@@ -323,14 +324,20 @@ fn run_step(words: &[&str]) -> String {
             }
             "waited".into()
         }
-        ["loop-tcp", dest, until] => connect_loop(dest, || !std::path::Path::new(until).exists()),
+        ["loop-tcp", dest, until] => {
+            attempts(connect(dest), || !std::path::Path::new(until).exists())
+        }
         ["count-tcp", dest, count] => {
             let mut left: u64 = count.parse().expect("count");
-            connect_loop(dest, || {
+            attempts(connect(dest), || {
                 left = left.saturating_sub(1);
                 left > 0
             })
         }
+        ["loop-open", path, until] => attempts(
+            || std::fs::File::open(path).map(drop),
+            || !std::path::Path::new(until).exists(),
+        ),
         ["sleep", secs] => {
             std::thread::sleep(Duration::from_secs_f64(secs.parse().expect("seconds")));
             "slept".into()
@@ -431,14 +438,21 @@ fn dns_query(server: &str, name: &str, qtype: &str, tcp: bool) -> Result<String,
     Ok(out.join(" "))
 }
 
-/// TCP connects to `dest` for as long as `go_on` says (at least one):
-/// `ok=N eperm=M other=K`.
-fn connect_loop(dest: &str, mut go_on: impl FnMut() -> bool) -> String {
+fn connect(dest: &str) -> impl FnMut() -> io::Result<()> {
     let dest: SocketAddr = dest.parse().expect("address");
+    move || TcpStream::connect_timeout(&dest, Duration::from_secs(2)).map(drop)
+}
+
+/// `attempt` for as long as `go_on` says (at least once):
+/// `ok=N eperm=M other=K`.
+fn attempts(
+    mut attempt: impl FnMut() -> io::Result<()>,
+    mut go_on: impl FnMut() -> bool,
+) -> String {
     let (mut ok, mut eperm, mut other) = (0u64, 0u64, 0u64);
     loop {
-        match TcpStream::connect_timeout(&dest, Duration::from_secs(2)) {
-            Ok(_) => ok += 1,
+        match attempt() {
+            Ok(()) => ok += 1,
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => eperm += 1,
             Err(_) => other += 1,
         }
