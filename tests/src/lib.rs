@@ -162,9 +162,8 @@ impl Sandbox {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
-    /// Start `enforcer daemon --rules R --log L [extra]` and wait until it
-    /// answers `status`.
-    pub fn daemon(&self, extra: &[&str]) -> Spawned {
+    /// `enforcer daemon` with this sandbox's rules, log and pins, and `extra`.
+    pub fn daemon_command(&self, extra: &[&str]) -> Command {
         let rules = self.rules();
         let log = self.log();
         let pins = self.pin_dir();
@@ -178,7 +177,17 @@ impl Sandbox {
             path_str(&pins),
         ];
         args.extend_from_slice(extra);
-        let mut daemon = Spawned(self.enforcer(&args).spawn().expect("starting the daemon"));
+        self.enforcer(&args)
+    }
+
+    /// Start `enforcer daemon` (see `daemon_command`) and wait until it
+    /// answers `status`.
+    pub fn daemon(&self, extra: &[&str]) -> Spawned {
+        let mut daemon = Spawned(
+            self.daemon_command(extra)
+                .spawn()
+                .expect("starting the daemon"),
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !self.socket().exists()
             || self
@@ -207,6 +216,18 @@ impl Sandbox {
             .output()
             .expect("enforcer status");
         serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
+    /// An agent running the probe's `steps` in a session of `profile`
+    /// through the daemon, in the background, its stdout piped.
+    pub fn steps_agent(&self, profile: &str, steps: &[&str]) -> Spawned {
+        Spawned(
+            self.enforcer(&["run", "--profile", profile, "--", probe_bin(), "steps"])
+                .args(steps)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting enforcer run"),
+        )
     }
 
     /// Every record in the denial log.
@@ -249,6 +270,31 @@ pub fn probe_bin() -> &'static str {
 /// A child process killed when the test ends, pass or panic, so a failed
 /// test never leaves a daemon or follower running.
 pub struct Spawned(pub Child);
+
+impl Spawned {
+    /// Its output lines, once it has exited.
+    pub fn lines(mut self) -> Vec<String> {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Some(mut out) = self.0.stdout.take() {
+            out.read_to_string(&mut text).expect("reading the output");
+        }
+        let _ = self.0.wait();
+        text.lines().map(str::to_owned).collect()
+    }
+}
+
+/// Poll `done` until it holds; fail after a minute.
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_mins(1);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
 
 impl Drop for Spawned {
     fn drop(&mut self) {

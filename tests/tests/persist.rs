@@ -3,40 +3,11 @@
 //! enforced with the rules it had; a restarted daemon adopts the sessions
 //! and the queued events; only `enforcer stop --unload` removes it.
 
-use std::{
-    io::Read,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use integration_tests::{Sandbox, Spawned, listen, path_str, probe_bin};
+use integration_tests::{Sandbox, Spawned, listen, path_str, wait_for};
 
 const PROFILE: &str = "name = \"p\"\n[network]\ndeny = [\"127.0.0.2\"]\n";
-
-fn session(sb: &Sandbox, steps: &[&str]) -> Spawned {
-    Spawned(
-        sb.enforcer(&["run", "--profile", "p", "--", probe_bin(), "steps"])
-            .args(steps)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// The agent's output lines once it has exited.
-fn output(mut agent: Spawned) -> Vec<String> {
-    let mut text = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .expect("piped stdout")
-        .read_to_string(&mut text)
-        .unwrap();
-    let _ = agent.0.wait();
-    text.lines().map(str::to_owned).collect()
-}
 
 fn kill9(daemon: &mut Spawned) {
     daemon.0.kill().unwrap();
@@ -53,14 +24,6 @@ fn counts(line: &str) -> (u64, u64) {
     (field("ok="), field("eperm="))
 }
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
     let sb = Sandbox::new();
@@ -70,7 +33,7 @@ fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
     let dir = tempfile::tempdir().unwrap();
     let stop = dir.path().join("stop");
     let loop_step = format!("loop-tcp {target} {}", stop.display());
-    let agents: Vec<Spawned> = (0..2).map(|_| session(&sb, &[&loop_step])).collect();
+    let agents: Vec<Spawned> = (0..2).map(|_| sb.steps_agent("p", &[&loop_step])).collect();
     wait_for("both sessions", || {
         sb.status()["sessions"]
             .as_array()
@@ -91,7 +54,7 @@ fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
     std::fs::write(&stop, b"").unwrap();
     let mut denied = 0;
     for agent in agents {
-        let out = output(agent);
+        let out = agent.lines();
         let (ok, eperm) = counts(&out[0]);
         assert_eq!(ok, 0, "a denied connect got through: {out:?}");
         assert!(eperm > 0);
@@ -127,8 +90,8 @@ fn a_restarted_daemon_puts_changed_rules_in_force_for_adopted_sessions() {
     let mut daemon = sb.daemon(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (started, go) = (dir.path().join("started"), dir.path().join("go"));
-    let agent = session(
-        &sb,
+    let agent = sb.steps_agent(
+        "p",
         &[
             &format!("tcp {target}"),
             &format!("mark {}", started.display()),
@@ -144,7 +107,7 @@ fn a_restarted_daemon_puts_changed_rules_in_force_for_adopted_sessions() {
     );
     let _daemon = sb.daemon(&[]);
     std::fs::write(&go, b"").unwrap();
-    assert_eq!(output(agent), ["ok", "ok", "waited", "eperm"]);
+    assert_eq!(agent.lines(), ["ok", "ok", "waited", "eperm"]);
 }
 
 #[test]
@@ -155,8 +118,8 @@ fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
     let mut daemon = sb.daemon(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (stopped, done) = (dir.path().join("stopped"), dir.path().join("done"));
-    let agent = session(
-        &sb,
+    let agent = sb.steps_agent(
+        "p",
         &[
             &format!("wait {}", stopped.display()),
             &format!("tcp {target}"),
@@ -196,7 +159,7 @@ fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
     assert!(out.status.success(), "{out:?}");
     assert!(!pins.exists(), "the pins are gone");
     // The agent was denied while enforced, then killed by --force.
-    let lines = output(agent);
+    let lines = agent.lines();
     assert_eq!(lines, ["waited", "eperm"], "{lines:?}");
     assert!(!Path::new(&done).exists());
 }
@@ -211,8 +174,8 @@ fn a_full_ring_buffer_loses_nothing_uncounted() {
     let dir = tempfile::tempdir().unwrap();
     let (go, done) = (dir.path().join("go"), dir.path().join("done"));
     let attempts: u64 = 60_000;
-    let agent = session(
-        &sb,
+    let agent = sb.steps_agent(
+        "p",
         &[
             &format!("wait {}", go.display()),
             &format!("count-tcp {target} {attempts}"),
@@ -232,7 +195,7 @@ fn a_full_ring_buffer_loses_nothing_uncounted() {
     wait_for("the agent's connects", || done.exists());
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let out = output(agent);
+    let out = agent.lines();
     assert_eq!(counts(&out[1]), (0, attempts), "{out:?}");
     let logged = || sb.records().iter().filter(|r| r["op"] == "connect").count() as u64;
     let status = sb.status();

@@ -3,52 +3,14 @@
 //! anything changes, live sessions switch to them atomically, and a bad rule
 //! set leaves the rules in force alone.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
-use integration_tests::{Sandbox, Spawned, listen, probe_bin};
+use integration_tests::{Sandbox, Spawned, listen, wait_for};
 use serde_json::Value;
 
 fn profile(deny: &[&str]) -> String {
     let list: Vec<String> = deny.iter().map(|d| format!("\"{d}\"")).collect();
     format!("name = \"p\"\n[network]\ndeny = [{}]\n", list.join(", "))
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_mins(1);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A session of profile `p` (through the daemon) running the probe's steps
-/// in the background.
-fn session(sb: &Sandbox, steps: &[&str]) -> Spawned {
-    Spawned(
-        sb.enforcer(&["run", "--profile", "p", "--", probe_bin(), "steps"])
-            .args(steps)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// The agent's output lines, once it has exited.
-fn output(mut session: Spawned) -> Vec<String> {
-    use std::io::Read;
-    let mut text = String::new();
-    session
-        .0
-        .stdout
-        .take()
-        .expect("piped stdout")
-        .read_to_string(&mut text)
-        .unwrap();
-    session.0.wait().unwrap();
-    text.lines().map(str::to_owned).collect()
 }
 
 fn reload(sb: &Sandbox) -> std::process::Output {
@@ -67,8 +29,8 @@ fn a_live_session_switches_to_the_new_rules() {
     let _daemon = sb.daemon(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (started, reloaded) = (mark(dir.path(), "started"), mark(dir.path(), "reloaded"));
-    let agent = session(
-        &sb,
+    let agent = sb.steps_agent(
+        "p",
         &[
             &format!("tcp {target}"),
             &format!("mark {started}"),
@@ -82,7 +44,7 @@ fn a_live_session_switches_to_the_new_rules() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 session(s) switched"));
     std::fs::write(&reloaded, b"").unwrap();
-    assert_eq!(output(agent), ["ok", "ok", "waited", "eperm"]);
+    assert_eq!(agent.lines(), ["ok", "ok", "waited", "eperm"]);
     let status = sb.status();
     assert_eq!(status["reload"]["error"], Value::Null, "{status:#}");
 }
@@ -109,10 +71,12 @@ fn invalid_rules_are_refused_whole_and_the_old_rules_stay() {
     );
     let (_l, still_denied) = listen("127.0.0.2:0");
     let (_l2, not_yet) = listen("127.0.0.4:0");
-    let out = output(session(
-        &sb,
-        &[&format!("tcp {still_denied}"), &format!("tcp {not_yet}")],
-    ));
+    let out = sb
+        .steps_agent(
+            "p",
+            &[&format!("tcp {still_denied}"), &format!("tcp {not_yet}")],
+        )
+        .lines();
     assert_eq!(out, ["eperm", "ok"]);
 }
 
@@ -126,7 +90,10 @@ fn a_change_in_the_rules_directory_reloads_by_itself() {
         sb.status()["reload"]["error"] == Value::Null && sb.status()["reload"]["at"].is_string()
     });
     let (_l, target) = listen("127.0.0.5:0");
-    assert_eq!(output(session(&sb, &[&format!("tcp {target}")])), ["eperm"]);
+    assert_eq!(
+        sb.steps_agent("p", &[&format!("tcp {target}")]).lines(),
+        ["eperm"]
+    );
 }
 
 #[test]
@@ -135,14 +102,20 @@ fn sighup_reloads_and_reopens_a_rotated_log() {
     sb.profile("p", &profile(&["127.0.0.2"]));
     let daemon = sb.daemon(&[]);
     let (_l, target) = listen("127.0.0.2:0");
-    assert_eq!(output(session(&sb, &[&format!("tcp {target}")])), ["eperm"]);
+    assert_eq!(
+        sb.steps_agent("p", &[&format!("tcp {target}")]).lines(),
+        ["eperm"]
+    );
     // logrotate: move the log away, then SIGHUP.
     let rotated = sb.log().with_extension("1");
     std::fs::rename(sb.log(), &rotated).unwrap();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(i32::try_from(daemon.0.id()).unwrap(), libc::SIGHUP) };
     wait_for("the log reopened", || sb.log().exists());
-    assert_eq!(output(session(&sb, &[&format!("tcp {target}")])), ["eperm"]);
+    assert_eq!(
+        sb.steps_agent("p", &[&format!("tcp {target}")]).lines(),
+        ["eperm"]
+    );
     let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
     assert_eq!(lines(&rotated), 1);
     assert_eq!(lines(&sb.log()), 1);
@@ -157,7 +130,7 @@ fn reloads_under_a_connect_loop_never_let_a_denied_connect_through() {
     let dir = tempfile::tempdir().unwrap();
     let stop = mark(dir.path(), "stop");
     let loop_step = format!("loop-tcp {target} {stop}");
-    let agents: Vec<Spawned> = (0..3).map(|_| session(&sb, &[&loop_step])).collect();
+    let agents: Vec<Spawned> = (0..3).map(|_| sb.steps_agent("p", &[&loop_step])).collect();
     for i in 0..20 {
         // Each reload renames the rules and adds others around the denied one.
         let extra = format!("127.0.{}.0/24", 100 + i);
@@ -167,7 +140,7 @@ fn reloads_under_a_connect_loop_never_let_a_denied_connect_through() {
     }
     std::fs::write(&stop, b"").unwrap();
     for agent in agents {
-        let out = output(agent);
+        let out = agent.lines();
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(out[0].starts_with("ok=0 eperm="), "{out:?}");
         assert!(!out[0].starts_with("ok=0 eperm=0 "), "{out:?}");
@@ -194,7 +167,7 @@ fn reloads_under_an_open_loop_never_let_a_protected_file_be_read() {
     let dir = tempfile::tempdir().unwrap();
     let stop = mark(dir.path(), "stop");
     let loop_step = format!("loop-open {} {stop}", secret.display());
-    let agents: Vec<Spawned> = (0..2).map(|_| session(&sb, &[&loop_step])).collect();
+    let agents: Vec<Spawned> = (0..2).map(|_| sb.steps_agent("p", &[&loop_step])).collect();
     for i in 0..10 {
         sb.profile("p", &files(&format!("10.{i}.0.0/16")));
         let out = reload(&sb);
@@ -202,7 +175,7 @@ fn reloads_under_an_open_loop_never_let_a_protected_file_be_read() {
     }
     std::fs::write(&stop, b"").unwrap();
     for agent in agents {
-        let out = output(agent);
+        let out = agent.lines();
         assert!(out[0].starts_with("ok=0 eperm="), "{out:?}");
         assert!(!out[0].starts_with("ok=0 eperm=0 "), "{out:?}");
     }

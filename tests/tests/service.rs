@@ -53,23 +53,12 @@ fn the_daemon_notifies_systemd() {
     notify
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let rules = sb.rules();
-    let log = sb.log();
-    let pins = sb.pin_dir();
     let mut daemon = Spawned(
-        sb.enforcer(&[
-            "daemon",
-            "--rules",
-            path_str(&rules),
-            "--log",
-            path_str(&log),
-            "--pin-dir",
-            path_str(&pins),
-        ])
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "200000")
-        .spawn()
-        .unwrap(),
+        sb.daemon_command(&[])
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .spawn()
+            .unwrap(),
     );
     let mut seen = Vec::new();
     let mut wait_for = |wanted: &str| {
