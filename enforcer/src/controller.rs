@@ -371,8 +371,9 @@ impl Controller {
             }
             if !state.installed.contains_key(&s.profile) {
                 tracing::error!(
-                    "session {} uses profile `{}`, which the rules no longer have: it keeps the \
-                     rules it had until it ends; restore the profile and reload",
+                    "session {} uses profile `{}`, which the rules no longer have: every connect \
+                     and open of its processes is denied (fail closed); restore the profile and \
+                     restart the daemon, or end the session",
                     s.name,
                     s.profile
                 );
