@@ -153,23 +153,40 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Runs `op` `iters / 10` times to warm up, then `iters` times timed, and
-/// prints `{"iters": N, "ns_per_op": X}`.
+/// Batches a measurement is split into (see [`timed`]).
+const BATCHES: u64 = 10;
+
+/// Runs `op` `iters / 10` times to warm up, then `iters` times timed in
+/// [`BATCHES`] batches, and prints `{"iters": N, "ns_per_op": X,
+/// "mean_ns_per_op": Y}`: X is the median of the batches' means, so a burst
+/// of interference from other work on the machine moves it less than the
+/// overall mean Y.
 fn timed(iters: u64, mut op: impl FnMut() -> Result<()>) -> Result<()> {
-    ensure!(iters > 0, "--iters must be at least 1");
+    ensure!(iters >= BATCHES, "--iters must be at least {BATCHES}");
     for _ in 0..iters / 10 {
         op()?;
     }
-    let start = Instant::now();
-    for _ in 0..iters {
-        op()?;
+    let per_batch = iters / BATCHES;
+    let mut batches = Vec::new();
+    let mut total = Duration::ZERO;
+    for _ in 0..BATCHES {
+        let start = Instant::now();
+        for _ in 0..per_batch {
+            op()?;
+        }
+        let elapsed = start.elapsed();
+        total += elapsed;
+        #[expect(clippy::cast_precision_loss, reason = "a ratio of two times")]
+        batches.push(elapsed.as_nanos() as f64 / per_batch as f64);
     }
-    let elapsed = start.elapsed();
+    batches.sort_by(f64::total_cmp);
+    let median = usize::try_from(BATCHES / 2).expect("small");
+    let ns_per_op = f64::midpoint(batches[median - 1], batches[median]);
     #[expect(clippy::cast_precision_loss, reason = "a ratio of two times")]
-    let ns_per_op = elapsed.as_nanos() as f64 / iters as f64;
+    let mean = total.as_nanos() as f64 / (per_batch * BATCHES) as f64;
     println!(
         "{}",
-        serde_json::json!({ "iters": iters, "ns_per_op": ns_per_op })
+        serde_json::json!({ "iters": per_batch * BATCHES, "ns_per_op": ns_per_op, "mean_ns_per_op": mean })
     );
     Ok(())
 }
