@@ -10,6 +10,7 @@
 //! enforcer-bench [--cgroup DIR] udp ADDR:PORT --iters N      unconnected sendto, ns/op
 //! enforcer-bench open PATH --iters N [--landlock-allow DIR]  open + close, ns/op
 //! enforcer-bench flood tcp|open TARGET --procs P --millis T  denied operations, counted
+//! enforcer-bench serve                                       batches on request (stdin)
 //! enforcer-bench mkpaths LIST                                create the files and dirs/ listed
 //! ```
 
@@ -81,6 +82,11 @@ enum Cmd {
         #[arg(long)]
         millis: u64,
     },
+    /// Measure batches on request, for as long as stdin is open: each line
+    /// `tcp|udp ADDR:PORT N` or `open PATH N` runs N operations and prints
+    /// `{"ns_per_op": X}` (their mean). Lets the orchestrator alternate
+    /// short batches between scenarios, so drift hits them alike.
+    Serve,
     /// Create every path listed in the file LIST (one a line; a trailing
     /// `/` makes a directory, otherwise an empty file), with their parents.
     Mkpaths { list: PathBuf },
@@ -109,19 +115,8 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Cmd::Tcp { addr, iters } => timed(iters, || tcp_connect(addr)),
         Cmd::Udp { addr, iters } => {
-            let socket = UdpSocket::bind(if addr.is_ipv4() {
-                "0.0.0.0:0"
-            } else {
-                "[::]:0"
-            })
-            .context("binding a UDP socket")?;
-            let payload = [0u8; 32];
-            timed(iters, || {
-                socket
-                    .send_to(&payload, addr)
-                    .map(drop)
-                    .with_context(|| format!("sendto {addr}"))
-            })
+            let socket = udp_socket(addr)?;
+            timed(iters, || udp_send(&socket, addr))
         }
         Cmd::Open {
             path,
@@ -149,8 +144,72 @@ fn run(cli: Cli) -> Result<()> {
             println!("{count}");
             Ok(())
         }
+        Cmd::Serve => serve(),
         Cmd::Mkpaths { list } => mkpaths(&list),
     }
+}
+
+fn serve() -> Result<()> {
+    let mut out = io::stdout().lock();
+    for line in io::stdin().lines() {
+        let line = line.context("reading a request")?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [op, target, iters] = fields[..] else {
+            bail!("bad request {line:?}: want `tcp|udp|open TARGET N`");
+        };
+        let iters: u64 = iters
+            .parse()
+            .with_context(|| format!("bad count in {line:?}"))?;
+        ensure!(iters > 0, "bad count in {line:?}");
+        let elapsed = match op {
+            "tcp" => {
+                let addr = target.parse().with_context(|| format!("bad address in {line:?}"))?;
+                time_n(iters, || tcp_connect(addr))?
+            }
+            "udp" => {
+                let addr: SocketAddr =
+                    target.parse().with_context(|| format!("bad address in {line:?}"))?;
+                let socket = udp_socket(addr)?;
+                time_n(iters, || udp_send(&socket, addr))?
+            }
+            "open" => {
+                let path = Path::new(target);
+                let c_path = CString::new(target)?;
+                time_n(iters, || open_close(&c_path, path))?
+            }
+            other => bail!("unknown operation {other:?}"),
+        };
+        #[expect(clippy::cast_precision_loss, reason = "a ratio of two times")]
+        let ns_per_op = elapsed.as_nanos() as f64 / iters as f64;
+        writeln!(out, "{}", serde_json::json!({ "ns_per_op": ns_per_op }))?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// How long `iters` runs of `op` take.
+fn time_n(iters: u64, mut op: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let start = Instant::now();
+    for _ in 0..iters {
+        op()?;
+    }
+    Ok(start.elapsed())
+}
+
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
+    UdpSocket::bind(if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })
+    .context("binding a UDP socket")
+}
+
+fn udp_send(socket: &UdpSocket, addr: SocketAddr) -> Result<()> {
+    socket
+        .send_to(&[0u8; 32], addr)
+        .map(drop)
+        .with_context(|| format!("sendto {addr}"))
 }
 
 /// Batches a measurement is split into (see [`timed`]).
@@ -170,11 +229,7 @@ fn timed(iters: u64, mut op: impl FnMut() -> Result<()>) -> Result<()> {
     let mut batches = Vec::new();
     let mut total = Duration::ZERO;
     for _ in 0..BATCHES {
-        let start = Instant::now();
-        for _ in 0..per_batch {
-            op()?;
-        }
-        let elapsed = start.elapsed();
+        let elapsed = time_n(per_batch, &mut op)?;
         total += elapsed;
         #[expect(clippy::cast_precision_loss, reason = "a ratio of two times")]
         batches.push(elapsed.as_nanos() as f64 / per_batch as f64);

@@ -35,8 +35,13 @@ use crate::{bootstrap, workspace_root};
 /// How much to measure.
 pub struct Settings {
     pub rounds: usize,
-    pub tcp_iters: u64,
-    pub udp_iters: u64,
+    /// Batches per scenario per round on the host, alternating between the
+    /// scenarios of a phase.
+    pub batches: usize,
+    /// Operations per batch.
+    pub tcp_batch: u64,
+    pub udp_batch: u64,
+    /// Operations per measurement in the VM (one process each).
     pub open_iters: u64,
     /// Network rules per session profile, ascending.
     pub net_counts: Vec<usize>,
@@ -53,9 +58,10 @@ impl Settings {
     /// The full benchmark (a few minutes).
     pub fn full() -> Settings {
         Settings {
-            rounds: 7,
-            tcp_iters: 4000,
-            udp_iters: 40_000,
+            rounds: 12,
+            batches: 20,
+            tcp_batch: 200,
+            udp_batch: 2000,
             open_iters: 20_000,
             net_counts: vec![10, 10_000, 100_000],
             file_counts: vec![10, 1000, 10_000],
@@ -72,8 +78,9 @@ impl Settings {
     pub fn quick() -> Settings {
         Settings {
             rounds: 2,
-            tcp_iters: 200,
-            udp_iters: 2000,
+            batches: 3,
+            tcp_batch: 50,
+            udp_batch: 500,
             open_iters: 500,
             net_counts: vec![10, 100, 1000],
             file_counts: vec![10, 100],
@@ -108,7 +115,7 @@ pub fn run(enforcer: &Path, bench: &Path, settings: &Settings, quick: bool) -> R
         "host": {
             "connect": table_json(&host.tcp),
             "sendto": table_json(&host.udp),
-            "nft_load_ms": host.nft_load.iter().map(|d| millis(*d)).collect::<Vec<_>>(),
+            "nft_load_ms": millis(host.nft_load),
             "flood": flood_json(&host.flood),
             "loading": loading_json(&host.loading),
         },
@@ -196,6 +203,9 @@ fn label(scenario: &str) -> String {
     }
     if scenario == "outside" {
         return "outside any session, sessions live".into();
+    }
+    if scenario == host::NFT_OUTSIDE {
+        return "outside the nftables cgroup, chain in place".into();
     }
     if scenario == "landlock" {
         return "Landlock (reads beneath the data directory only)".into();
@@ -378,7 +388,7 @@ fn flood_markdown(flood: &Flood, host: bool) -> String {
     )
 }
 
-fn loading_markdown(loading: &Loading, nft_load: &[Duration]) -> String {
+fn loading_markdown(loading: &Loading, nft_load: Duration) -> String {
     let ms = |ds: &[Duration]| Stats::of(&ds.iter().map(|d| millis(*d)).collect::<Vec<_>>());
     #[expect(clippy::cast_precision_loss, reason = "KiB counts")]
     let mib = |ks: &[u64]| Stats::of(&ks.iter().map(|k| *k as f64 / 1024.0).collect::<Vec<_>>());
@@ -405,10 +415,10 @@ fn loading_markdown(loading: &Loading, nft_load: &[Duration]) -> String {
     md += &row("daemon peak resident memory (VmHWM)", mib(&loading.hwm_kib), "MiB");
     md += &row("daemon resident memory after (VmRSS)", mib(&loading.rss_kib), "MiB");
     md += &row("`enforcer check --offline`", ms(&loading.check), "ms");
-    md += &row(
-        "nftables: `nft -f` of the equivalent table (largest rule set)",
-        ms(nft_load),
-        "ms",
+    let _ = writeln!(
+        md,
+        "| nftables: `nft -f` of the equivalent sets (the connect benchmark's largest rule set) | {:.1} ms | once |",
+        millis(nft_load)
     );
     md += "\nReload: not measured, there is no reload yet (issue 5).\n";
     md
@@ -428,41 +438,49 @@ fn markdown(
     }
     let _ = write!(
         md,
-        "Taken {} on {} ({} CPUs), host kernel {}; file rules in a QEMU VM (TCG) with kernel {}. \
-         {} rounds; in each round every scenario runs once, in rotated order, and its figure is \
-         the median of 10 batches' mean time per operation. Ratios are to the baseline of the \
-         same round: the median of the per-round ratios, and their range.\n\n",
+        "Taken {} on {} ({} CPUs), host kernel {}; file rules in a QEMU VM (TCG) with kernel {}.\n\n\
+         How: {} rounds. On the host a round has three phases, in an order rotated from round to \
+         round: nothing loaded (the baseline); the nftables chain in place; the enforcer daemon \
+         with a session per rule count. Within a phase long-lived processes (in their session or \
+         cgroup; as many in every phase, the reference scenario taking the spare places) take \
+         turns measuring in batches ({} batches each of {} connects or {} sends), and a \
+         scenario's figure for the round is the median of its batches. \"Ratio to baseline\" is the median over rounds of the scenario's \
+         figure divided by the baseline's of the same round, with the range of those ratios; \
+         \"alongside\" ratios divide figures taken in turn within one phase, the tightest \
+         comparison. In the VM each scenario is one process per round ({} opens, the median of \
+         10 batches' means).\n\n",
         machine.date,
         machine.cpu,
         machine.cpus,
         machine.kernel,
         machine.vm_kernel,
-        settings.rounds
+        settings.rounds,
+        settings.batches,
+        settings.tcp_batch,
+        settings.udp_batch,
+        settings.open_iters,
     );
     md += "## Targets\n\n";
     md += &targets(host, guest, settings);
     let _ = write!(
         md,
-        "\n## 1, 2. connect() and sendto() (host kernel)\n\n### {} ({} per round)\n\n{}\n### {} ({} per round)\n\n{}",
+        "\n## 1, 2. connect() and sendto() (host kernel)\n\n### {}\n\n{}\n### {}\n\n{}",
         host.tcp.title,
-        settings.tcp_iters,
         table_markdown(&host.tcp, &label),
         host.udp.title,
-        settings.udp_iters,
         table_markdown(&host.udp, &label),
     );
     let _ = write!(
         md,
-        "\n## 3. open() (VM kernel, BPF LSM)\n\n### {} ({} per round)\n\n{}",
+        "\n## 3. open() (VM kernel, BPF LSM)\n\n### {}\n\n{}",
         guest.open.title,
-        settings.open_iters,
         table_markdown(&guest.open, &label)
     );
     md += "\n## 4. Denial events\n\n";
     md += &flood_markdown(&host.flood, true);
     md += &flood_markdown(&guest.flood, false);
     md += "\n## 5. Rule loading\n\n";
-    md += &loading_markdown(&host.loading, &host.nft_load);
+    md += &loading_markdown(&host.loading, host.nft_load);
     md += "\n## 6. DNS proxy\n\nNot measured: the DNS proxy has not landed.\n";
     md
 }

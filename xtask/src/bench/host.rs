@@ -3,11 +3,14 @@
 //! events, and rule loading.
 
 use std::{
+    collections::BTreeMap,
     ffi::OsStr,
     fs::{self, File},
+    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, UdpSocket},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -17,7 +20,7 @@ use serde_json::Value;
 
 use super::{
     Settings,
-    report::Table,
+    report::{Stats, Table},
     rules::{self, NetRule},
 };
 
@@ -32,24 +35,6 @@ impl Tools<'_> {
     fn bench(&self) -> Command {
         Command::new(self.bench)
     }
-}
-
-/// Runs a measuring command and returns the `ns_per_op` it printed.
-pub fn measure(cmd: &mut Command) -> Result<f64> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("starting {cmd:?}"))?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    last_json(&String::from_utf8_lossy(&out.stdout))?["ns_per_op"]
-        .as_f64()
-        .with_context(|| format!("{cmd:?} printed no ns_per_op"))
 }
 
 /// The last line of `text` that is a JSON object.
@@ -75,6 +60,12 @@ struct Targets {
 impl Targets {
     fn start() -> Result<Targets> {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding a TCP listener")?;
+        // A long accept queue (listen again to raise the backlog), so that a
+        // burst of connects never waits for the accepting thread.
+        // SAFETY: a listening socket we own.
+        if unsafe { libc::listen(listener.as_raw_fd(), 4096) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("raising the listen backlog");
+        }
         let tcp = listener.local_addr()?;
         // Accepts and closes for the rest of the run.
         thread::spawn(move || {
@@ -228,40 +219,90 @@ impl Drop for Daemon<'_> {
     }
 }
 
-/// An idle agent session (`sleep`), so that sessions are live while a
-/// process outside them is measured. Dropping it kills the `enforcer run`
-/// client; the daemon ends the session's `sleep` when it stops.
-struct LiveSession(Child);
+/// A long-lived `enforcer-bench serve` in its scenario, measuring batches
+/// on request; ended (stdin closed, then killed if need be) when dropped.
+struct Worker {
+    scenario: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
 
-impl LiveSession {
-    fn start(daemon: &Daemon<'_>, profile: &str) -> Result<LiveSession> {
-        let child = daemon
-            .session(profile, &[], Path::new("sleep"))
-            .arg("3600")
-            .stdin(Stdio::null())
+impl Worker {
+    /// Starts `cmd` (which ends in `enforcer-bench [--cgroup DIR] serve`).
+    fn spawn(scenario: &str, mut cmd: Command) -> Result<Worker> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .spawn()
-            .context("starting an idle session")?;
-        let live = LiveSession(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let status = daemon.status()?;
-            if status["sessions"].as_array().is_some_and(|s| !s.is_empty()) {
-                return Ok(live);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the idle session did not start within 30 s"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
+            .with_context(|| format!("starting the {scenario} worker: {cmd:?}"))?;
+        let stdin = child.stdin.take().context("no stdin pipe")?;
+        let stdout = BufReader::new(child.stdout.take().context("no stdout pipe")?);
+        Ok(Worker {
+            scenario: scenario.to_owned(),
+            child,
+            stdin: Some(stdin),
+            stdout,
+        })
+    }
+
+    /// Runs one batch (`OP TARGET N`) and returns its ns per operation.
+    fn batch(&mut self, request: &str) -> Result<f64> {
+        let stdin = self.stdin.as_mut().context("worker closed")?;
+        writeln!(stdin, "{request}")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("the {} worker is gone", self.scenario))?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        ensure!(
+            !line.is_empty(),
+            "the {} worker exited during `{request}` (its error is above)",
+            self.scenario
+        );
+        last_json(&line)?["ns_per_op"]
+            .as_f64()
+            .with_context(|| format!("the {} worker answered {line:?}", self.scenario))
     }
 }
 
-impl Drop for LiveSession {
+impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
+}
+
+/// Alternates batches between `workers` (in an order rotated every cycle,
+/// after one warm-up batch each): `batches` per worker. Returns the batch
+/// figures per scenario (workers of the same scenario pooled).
+fn interleave(
+    workers: &mut [Worker],
+    request: &str,
+    batches: usize,
+) -> Result<BTreeMap<String, Vec<f64>>> {
+    for worker in workers.iter_mut() {
+        worker.batch(request)?;
+    }
+    let mut figures: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for cycle in 0..batches {
+        for i in 0..workers.len() {
+            let worker = &mut workers[(cycle + i) % workers.len()];
+            let figure = worker.batch(request)?;
+            figures
+                .entry(worker.scenario.clone())
+                .or_default()
+                .push(figure);
+        }
+    }
+    Ok(figures)
 }
 
 /// A cgroup of our own, removed when dropped (it is empty by then: the
@@ -332,24 +373,31 @@ fn cgroup2_mount() -> Result<PathBuf> {
 struct NftTable(String);
 
 impl NftTable {
-    /// Loads `script` (which creates table `name`); returns the table and
-    /// how long `nft -f` took.
-    fn load(name: &str, script: &str, work: &Path) -> Result<(NftTable, Duration)> {
-        let file = work.join(format!("{name}.nft"));
-        fs::write(&file, script).with_context(|| format!("writing {}", file.display()))?;
+    /// Runs `nft -f` on `script` (written to `work/<file>`); returns how
+    /// long it took.
+    fn apply(script: &str, work: &Path, file: &str) -> Result<Duration> {
+        let path = work.join(file);
+        fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
         let started = Instant::now();
         let out = Command::new("nft")
             .arg("-f")
-            .arg(&file)
+            .arg(&path)
             .output()
             .context("running nft (from the nftables package)")?;
         let took = started.elapsed();
         ensure!(
             out.status.success(),
             "nft -f {} failed: {}",
-            file.display(),
+            path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
+        Ok(took)
+    }
+
+    /// Loads `script`, which creates table `name`; returns the table and
+    /// how long `nft -f` took.
+    fn load(name: &str, script: &str, work: &Path) -> Result<(NftTable, Duration)> {
+        let took = Self::apply(script, work, &format!("{name}.nft"))?;
         Ok((NftTable(name.to_owned()), took))
     }
 }
@@ -368,12 +416,37 @@ impl Drop for NftTable {
     }
 }
 
+/// The table's output chain (the rules), present while this lives: the
+/// sets stay loaded between rounds, so only the chain that consults them
+/// comes and goes, and the other phases run with no nftables hook at all.
+struct NftChain<'a> {
+    table: &'a NftTable,
+    work: &'a Path,
+}
+
+impl<'a> NftChain<'a> {
+    fn add(table: &'a NftTable, rules: &str, work: &'a Path) -> Result<NftChain<'a>> {
+        NftTable::apply(rules, work, "chain-add.nft")?;
+        Ok(NftChain { table, work })
+    }
+}
+
+impl Drop for NftChain<'_> {
+    fn drop(&mut self) {
+        let name = &self.table.0;
+        let script = format!("flush chain inet {name} output\ndelete chain inet {name} output\n");
+        if let Err(e) = NftTable::apply(&script, self.work, "chain-delete.nft") {
+            eprintln!("xtask bench: {e:#}");
+        }
+    }
+}
+
 /// What the host part measured.
 pub struct HostResults {
     pub tcp: Table,
     pub udp: Table,
-    /// `nft -f` times for the largest rule set, one per round.
-    pub nft_load: Vec<Duration>,
+    /// How long `nft -f` of the sets of the largest rule set took.
+    pub nft_load: Duration,
     pub flood: Flood,
     pub loading: Loading,
 }
@@ -392,10 +465,11 @@ pub fn scenario_nft(count: usize) -> String {
 enum Phase {
     /// Nothing loaded: the baseline.
     Bare,
-    /// The nftables table loaded; the process in its cgroup.
+    /// The nftables chain in place: a process in its cgroup, and one
+    /// outside.
     Nft,
-    /// The daemon with every session profile; processes in sessions, then
-    /// one outside them.
+    /// The daemon with every session profile: a process in a session of
+    /// each, and one outside them all.
     Daemon,
 }
 
@@ -452,62 +526,91 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
     }
     let cgroup = Cgroup::create(&format!("{CGROUP_PREFIX}{}", std::process::id()))?;
     let table_name = format!("{TABLE_PREFIX}{}", std::process::id());
-    let nft_script = rules::nft_table(&table_name, &all_rules, &cgroup.nft_path, cgroup.level);
+    let (table, nft_load) =
+        NftTable::load(&table_name, &rules::nft_sets(&table_name, &all_rules), tools.work)?;
+    let nft_chain = rules::nft_chain(&table_name, &cgroup.nft_path, cgroup.level);
 
-    let mut tcp = Table::new("TCP connect + close to 127.0.0.1", "ns/op");
-    let mut udp = Table::new("UDP sendto 127.0.0.1", "ns/op");
-    let mut nft_load = Vec::new();
+    let mut tables = [
+        Table::new("TCP connect + close to 127.0.0.1", "ns/op"),
+        Table::new("UDP sendto 127.0.0.1", "ns/op"),
+    ];
+    let requests = [
+        format!("tcp {} {}", targets.tcp, settings.tcp_batch),
+        format!("udp {} {}", targets.udp, settings.udp_batch),
+    ];
+    let serve = |mut cmd: Command| {
+        cmd.arg("serve");
+        cmd
+    };
     let phases = [Phase::Bare, Phase::Nft, Phase::Daemon];
     for round in 0..settings.rounds {
         println!("xtask bench: host round {} of {}", round + 1, settings.rounds);
         for i in 0..phases.len() {
-            let measure_both =
-                |tcp: &mut Table, udp: &mut Table, scenario: &str, cmd: &dyn Fn() -> Command| {
-                    let mut c = cmd();
-                    tcp.push(
-                        scenario,
-                        measure(c.args(tcp_args(targets.tcp, settings.tcp_iters).iter()))?,
-                    );
-                    let mut c = cmd();
-                    udp.push(
-                        scenario,
-                        measure(c.args(udp_args(targets.udp, settings.udp_iters).iter()))?,
-                    );
-                    anyhow::Ok(())
-                };
-            match phases[(round + i) % phases.len()] {
-                Phase::Bare => measure_both(&mut tcp, &mut udp, "baseline", &|| tools.bench())?,
+            // (scenario, the scenario measured alongside it that it is
+            // compared with) per worker; the workers' figures are taken in
+            // alternating batches.
+            // Every phase has as many workers as the daemon phase (the
+            // reference scenario's are pooled), so that each process waits
+            // the same while the others take their turns.
+            let per_phase = settings.net_counts.len() + 1;
+            let (_chain, _daemon, mut workers, pairs) = match phases[(round + i) % phases.len()] {
+                Phase::Bare => (
+                    None,
+                    None,
+                    (0..per_phase)
+                        .map(|_| Worker::spawn("baseline", serve(tools.bench())))
+                        .collect::<Result<Vec<_>>>()?,
+                    vec![],
+                ),
                 Phase::Nft => {
-                    let (table, took) = NftTable::load(&table_name, &nft_script, tools.work)?;
-                    nft_load.push(took);
-                    measure_both(&mut tcp, &mut udp, &scenario_nft(largest), &|| {
-                        let mut c = tools.bench();
-                        c.arg("--cgroup").arg(&cgroup.path);
-                        c
-                    })?;
-                    drop(table);
+                    let chain = NftChain::add(&table, &nft_chain, tools.work)?;
+                    let mut in_cgroup = tools.bench();
+                    in_cgroup.arg("--cgroup").arg(&cgroup.path);
+                    let nft = scenario_nft(largest);
+                    let mut workers = vec![Worker::spawn(&nft, serve(in_cgroup))?];
+                    for _ in 1..per_phase {
+                        workers.push(Worker::spawn(NFT_OUTSIDE, serve(tools.bench()))?);
+                    }
+                    (Some(chain), None, workers, vec![(nft, NFT_OUTSIDE)])
                 }
                 Phase::Daemon => {
                     let (daemon, _) = Daemon::start(tools, &rules_dir, &tools.work.join("daemon"))?;
-                    let counts = &settings.net_counts;
-                    for j in 0..counts.len() {
-                        let count = counts[(round + j) % counts.len()];
+                    let mut workers = Vec::new();
+                    let mut pairs = Vec::new();
+                    for &count in &settings.net_counts {
                         let profile = scenario_session(count);
-                        measure_both(&mut tcp, &mut udp, &profile, &|| {
-                            daemon.session(&profile, &[], tools.bench)
-                        })?;
+                        workers.push(Worker::spawn(
+                            &profile,
+                            serve(daemon.session(&profile, &[], tools.bench)),
+                        )?);
+                        pairs.push((profile, "outside"));
                     }
-                    let live = LiveSession::start(&daemon, &scenario_session(largest))?;
-                    measure_both(&mut tcp, &mut udp, "outside", &|| tools.bench())?;
-                    drop(live);
-                    daemon.stop()?;
+                    workers.push(Worker::spawn("outside", serve(tools.bench()))?);
+                    (None, Some(daemon), workers, pairs)
+                }
+            };
+            for (table, request) in tables.iter_mut().zip(&requests) {
+                let figures = interleave(&mut workers, request, settings.batches)?;
+                let median = |scenario: &str| Stats::of(&figures[scenario]).median;
+                // In worker order, so the table lists scenarios as started.
+                for worker in &workers {
+                    if table.get(&worker.scenario).map_or(0, |s| s.samples.len()) == round {
+                        table.push(&worker.scenario, median(&worker.scenario));
+                    }
+                }
+                for (scenario, reference) in &pairs {
+                    table.push_alongside(scenario, reference, median(scenario) / median(reference));
                 }
             }
+            // Workers end before their daemon and chain go.
+            drop(workers);
         }
     }
+    drop(table);
     drop(cgroup);
     let flood = flood(tools, settings)?;
     let loading = loading(tools, settings, &all_rules)?;
+    let [tcp, udp] = tables;
     Ok(HostResults {
         tcp,
         udp,
@@ -517,23 +620,8 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
     })
 }
 
-fn tcp_args(addr: SocketAddr, iters: u64) -> Vec<String> {
-    vec![
-        "tcp".into(),
-        addr.to_string(),
-        "--iters".into(),
-        iters.to_string(),
-    ]
-}
-
-fn udp_args(addr: SocketAddr, iters: u64) -> Vec<String> {
-    vec![
-        "udp".into(),
-        addr.to_string(),
-        "--iters".into(),
-        iters.to_string(),
-    ]
-}
+/// A process outside the nftables cgroup while the chain is in place.
+pub const NFT_OUTSIDE: &str = "nft-outside";
 
 /// Denied operations from several processes in one session: how many were
 /// attempted, how many reached the log, how many the kernel counted lost.

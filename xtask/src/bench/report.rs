@@ -17,6 +17,9 @@ pub struct Table {
     pub title: String,
     pub unit: &'static str,
     pub series: Vec<Series>,
+    /// Per round, a scenario's ratio to the reference measured alongside it
+    /// (in alternating batches): `(scenario, reference, ratios)`.
+    pub alongside: Vec<(String, String, Vec<f64>)>,
 }
 
 impl Table {
@@ -25,6 +28,20 @@ impl Table {
             title: title.to_owned(),
             unit,
             series: Vec::new(),
+            alongside: Vec::new(),
+        }
+    }
+
+    pub fn push_alongside(&mut self, scenario: &str, reference: &str, ratio: f64) {
+        if let Some((_, _, ratios)) = self
+            .alongside
+            .iter_mut()
+            .find(|(s, r, _)| s == scenario && r == reference)
+        {
+            ratios.push(ratio);
+        } else {
+            self.alongside
+                .push((scenario.to_owned(), reference.to_owned(), vec![ratio]));
         }
     }
 
@@ -123,8 +140,8 @@ pub fn table_markdown(table: &Table, labels: &dyn Fn(&str) -> String) -> String 
     let base = table.baseline();
     let _ = writeln!(
         md,
-        "| scenario | median {unit} | IQR {unit} | ratio to {base} (median of rounds) | ratio range over rounds |\n\
-         | --- | ---: | ---: | ---: | ---: |",
+        "| scenario | median {unit} | IQR {unit} | ratio to {base} (median of rounds) | ratio range over rounds | alongside: ratio to (median, range) |\n\
+         | --- | ---: | ---: | ---: | ---: | --- |",
         unit = table.unit,
         base = labels(&base.scenario),
     );
@@ -135,9 +152,26 @@ pub fn table_markdown(table: &Table, labels: &dyn Fn(&str) -> String) -> String 
                 .ratios(&series.scenario, &base.scenario)
                 .unwrap_or_default(),
         );
+        let alongside = table
+            .alongside
+            .iter()
+            .find(|(s, _, _)| *s == series.scenario)
+            .map_or_else(
+                || "—".to_owned(),
+                |(_, reference, ratios)| {
+                    let r = Stats::of(ratios);
+                    format!(
+                        "{}: {:.3} ({:.3}–{:.3})",
+                        labels(reference),
+                        r.median,
+                        r.min,
+                        r.max
+                    )
+                },
+            );
         let _ = writeln!(
             md,
-            "| {} | {:.0} | {:.0}–{:.0} | {:.3} | {:.3}–{:.3} |",
+            "| {} | {:.0} | {:.0}–{:.0} | {:.3} | {:.3}–{:.3} | {alongside} |",
             labels(&series.scenario),
             stats.median,
             stats.q1,
@@ -167,7 +201,15 @@ pub fn table_json(table: &Table) -> Value {
             .iter()
             .map(|series| {
                 let ratios = table.ratios(&series.scenario, base).unwrap_or_default();
+                let alongside = table
+                    .alongside
+                    .iter()
+                    .find(|(s, _, _)| *s == series.scenario)
+                    .map(|(_, reference, ratios)| {
+                        json!({"reference": reference, "per_round": ratios, "stats": Stats::of(ratios).json()})
+                    });
                 json!({
+                    "alongside": alongside,
                     "operation": table.title,
                     "scenario": series.scenario,
                     "unit": table.unit,
@@ -197,6 +239,6 @@ mod tests {
         }
         assert_eq!(t.ratios("x", "base").unwrap(), [1.1, 1.0]);
         let md = table_markdown(&t, &|s: &str| s.to_owned());
-        assert!(md.contains("| x | 16 | 13–18 | 1.050 | 1.000–1.100 |"), "{md}");
+        assert!(md.contains("| x | 16 | 13–18 | 1.050 | 1.000–1.100 | — |"), "{md}");
     }
 }

@@ -93,11 +93,10 @@ pub fn net_profile(name: &str, rules: &[NetRule]) -> String {
     toml
 }
 
-/// An nftables table `name` that rejects what `rules` deny, for sockets of
-/// the cgroup `cgroup` (as nft names it: relative to `/sys/fs/cgroup`) at
-/// `level`: one interval set per family keyed by address, protocol and
-/// port, looked up in the output hook after the cgroup match.
-pub fn nft_table(name: &str, rules: &[NetRule], cgroup: &str, level: usize) -> String {
+/// An nftables table `name` holding what `rules` deny: one interval set
+/// per family keyed by address, protocol and port. Without a chain (see
+/// [`nft_chain`]) it does nothing.
+pub fn nft_sets(name: &str, rules: &[NetRule]) -> String {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for rule in rules {
@@ -125,19 +124,24 @@ pub fn nft_table(name: &str, rules: &[NetRule], cgroup: &str, level: usize) -> S
             "  set deny{family} {{ type ipv{family}_addr . inet_proto . inet_service; flags interval;{elements} }}\n"
         )
     };
-    let rule = |family: &str| {
+    format!("table inet {name} {{\n{}{}}}\n", set("4", &v4), set("6", &v6))
+}
+
+/// The output chain of table `name` that rejects, for sockets of the cgroup
+/// `cgroup` (as nft names it: relative to `/sys/fs/cgroup`) at `level`,
+/// what the sets of [`nft_sets`] hold: the cgroup match first, then one
+/// set lookup.
+pub fn nft_chain(name: &str, cgroup: &str, level: usize) -> String {
+    let rule = |family: &str, set: &str| {
         format!(
-            "    socket cgroupv2 level {level} \"{cgroup}\" {family} daddr . meta l4proto . th dport \
-             @deny{} reject with icmpx admin-prohibited\n",
-            if family == "ip" { "4" } else { "6" }
+            "add rule inet {name} output socket cgroupv2 level {level} \"{cgroup}\" \
+             {family} daddr . meta l4proto . th dport @{set} reject with icmpx admin-prohibited\n"
         )
     };
     format!(
-        "table inet {name} {{\n{}{}  chain output {{\n    type filter hook output priority 0; policy accept;\n{}{}  }}\n}}\n",
-        set("4", &v4),
-        set("6", &v6),
-        rule("ip"),
-        rule("ip6"),
+        "add chain inet {name} output {{ type filter hook output priority 0; policy accept; }}\n{}{}",
+        rule("ip", "deny4"),
+        rule("ip6", "deny6")
     )
 }
 
@@ -197,10 +201,10 @@ mod tests {
         assert!(toml.contains("\"10.0.2.128/25\",\n"), "{toml}");
         assert!(toml.contains("\"[2001:db8:0:1::/64]:3001/udp\",\n"), "{toml}");
         assert!(toml.contains("\"2001:db8:0:0::/64\",\n"), "{toml}");
-        let nft = nft_table("t", &rules, "unified/x", 1);
+        let nft = nft_sets("t", &rules);
         assert!(nft.contains("10.0.1.7/32 . tcp . 2001, 10.0.1.7/32 . udp . 2001"), "{nft}");
         assert!(nft.contains("2001:db8:0:1::/64 . udp . 3001"), "{nft}");
-        assert!(nft.contains(
+        assert!(nft_chain("t", "unified/x", 1).contains(
             "socket cgroupv2 level 1 \"unified/x\" ip6 daddr . meta l4proto . th dport @deny6"
         ));
     }
