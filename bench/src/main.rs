@@ -8,20 +8,22 @@
 //! ```text
 //! enforcer-bench [--cgroup DIR] tcp ADDR:PORT --iters N      connect + close (RST), ns/op
 //! enforcer-bench [--cgroup DIR] udp ADDR:PORT --iters N      unconnected sendto, ns/op
-//! enforcer-bench open PATH --iters N [--landlock-allow DIR]  open + close, ns/op
+//! enforcer-bench [--landlock-allow DIR] open PATH --iters N  open + close, ns/op
 //! enforcer-bench flood tcp|open TARGET --procs P --millis T  denied operations, counted
 //! enforcer-bench serve                                       batches on request (stdin)
+//! enforcer-bench turns --request R --batches B --worker S=CMD...  serve workers taking turns
 //! enforcer-bench mkpaths LIST                                create the files and dirs/ listed
 //! ```
 
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     fs,
-    io::{self, Write as _},
+    io::{self, BufRead, BufReader, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     os::{fd::AsRawFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -34,6 +36,10 @@ struct Cli {
     /// Move this process into the cgroup2 directory DIR first.
     #[arg(long, global = true)]
     cgroup: Option<PathBuf>,
+    /// Restrict this process with Landlock first: read access beneath DIR
+    /// only, every other file-system access denied.
+    #[arg(long, global = true)]
+    landlock_allow: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -58,10 +64,6 @@ enum Cmd {
         path: PathBuf,
         #[arg(long)]
         iters: u64,
-        /// Restrict this process with Landlock first: read access beneath
-        /// DIR only, every other file-system access denied.
-        #[arg(long)]
-        landlock_allow: Option<PathBuf>,
     },
     /// Denied operations in a tight loop from several processes for a
     /// while; prints how many were attempted. Every attempt must fail with
@@ -87,6 +89,22 @@ enum Cmd {
     /// `{"ns_per_op": X}` (their mean). Lets the orchestrator alternate
     /// short batches between scenarios, so drift hits them alike.
     Serve,
+    /// Start a `serve` worker per scenario and have them take turns: after
+    /// a warm-up batch each, BATCHES rounds in which every worker runs
+    /// REQUEST once (in an order rotated every round). Prints
+    /// `{"SCENARIO": median ns/op of its batches, ...}`; workers of the
+    /// same scenario are pooled.
+    Turns {
+        /// The request each batch sends, e.g. `open /tmp/f 2000`.
+        #[arg(long)]
+        request: String,
+        #[arg(long)]
+        batches: usize,
+        /// `SCENARIO=COMMAND ARGS...` (split on spaces), a command that ends
+        /// in `enforcer-bench serve`.
+        #[arg(long = "worker", required = true)]
+        workers: Vec<String>,
+    },
     /// Create every path listed in the file LIST (one a line; a trailing
     /// `/` makes a directory, otherwise an empty file), with their parents.
     Mkpaths { list: PathBuf },
@@ -112,20 +130,16 @@ fn run(cli: Cli) -> Result<()> {
         let procs = dir.join("cgroup.procs");
         fs::write(&procs, "0\n").with_context(|| format!("joining {}", dir.display()))?;
     }
+    if let Some(dir) = &cli.landlock_allow {
+        landlock::restrict_to(dir)?;
+    }
     match cli.command {
         Cmd::Tcp { addr, iters } => timed(iters, || tcp_connect(addr)),
         Cmd::Udp { addr, iters } => {
             let socket = udp_socket(addr)?;
             timed(iters, || udp_send(&socket, addr))
         }
-        Cmd::Open {
-            path,
-            iters,
-            landlock_allow,
-        } => {
-            if let Some(dir) = landlock_allow {
-                landlock::restrict_to(&dir)?;
-            }
+        Cmd::Open { path, iters } => {
             let c_path = CString::new(path.as_os_str().as_bytes())?;
             timed(iters, || open_close(&c_path, &path))
         }
@@ -145,6 +159,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Serve => serve(),
+        Cmd::Turns {
+            request,
+            batches,
+            workers,
+        } => turns(&request, batches, &workers),
         Cmd::Mkpaths { list } => mkpaths(&list),
     }
 }
@@ -184,6 +203,100 @@ fn serve() -> Result<()> {
         writeln!(out, "{}", serde_json::json!({ "ns_per_op": ns_per_op }))?;
         out.flush()?;
     }
+    Ok(())
+}
+
+/// A `serve` process in its scenario, ended (stdin closed) when dropped.
+struct Worker {
+    scenario: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Worker {
+    /// `SCENARIO=COMMAND ARGS...`.
+    fn spawn(spec: &str) -> Result<Worker> {
+        let (scenario, command) = spec
+            .split_once('=')
+            .with_context(|| format!("--worker {spec:?} is not SCENARIO=COMMAND"))?;
+        let mut words = command.split_whitespace();
+        let program = words.next().with_context(|| format!("--worker {spec:?} has no command"))?;
+        let mut child = Command::new(program)
+            .args(words)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {command}"))?;
+        Ok(Worker {
+            scenario: scenario.to_owned(),
+            stdin: child.stdin.take(),
+            stdout: BufReader::new(child.stdout.take().context("no stdout pipe")?),
+            child,
+        })
+    }
+
+    fn batch(&mut self, request: &str) -> Result<f64> {
+        let stdin = self.stdin.as_mut().context("worker closed")?;
+        writeln!(stdin, "{request}")
+            .and_then(|()| stdin.flush())
+            .with_context(|| format!("the {} worker is gone", self.scenario))?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        ensure!(
+            !line.is_empty(),
+            "the {} worker exited during `{request}`",
+            self.scenario
+        );
+        let value: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("bad answer {line:?}"))?;
+        value["ns_per_op"]
+            .as_f64()
+            .with_context(|| format!("bad answer {line:?}"))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+fn turns(request: &str, batches: usize, specs: &[String]) -> Result<()> {
+    let mut workers = specs
+        .iter()
+        .map(|spec| Worker::spawn(spec))
+        .collect::<Result<Vec<_>>>()?;
+    for worker in &mut workers {
+        worker.batch(request)?;
+    }
+    let mut figures: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for round in 0..batches {
+        for i in 0..workers.len() {
+            let index = (round + i) % workers.len();
+            let worker = &mut workers[index];
+            let figure = worker.batch(request)?;
+            figures
+                .entry(worker.scenario.clone())
+                .or_default()
+                .push(figure);
+        }
+    }
+    let medians: serde_json::Map<String, serde_json::Value> = figures
+        .into_iter()
+        .map(|(scenario, mut values)| {
+            values.sort_by(f64::total_cmp);
+            let n = values.len();
+            let median = if n % 2 == 1 {
+                values[n / 2]
+            } else {
+                f64::midpoint(values[n / 2 - 1], values[n / 2])
+            };
+            (scenario, median.into())
+        })
+        .collect();
+    println!("{}", serde_json::Value::Object(medians));
     Ok(())
 }
 

@@ -41,8 +41,8 @@ pub struct Settings {
     /// Operations per batch.
     pub tcp_batch: u64,
     pub udp_batch: u64,
-    /// Operations per measurement in the VM (one process each).
-    pub open_iters: u64,
+    /// Opens per batch in the VM.
+    pub open_batch: u64,
     /// Network rules per session profile, ascending.
     pub net_counts: Vec<usize>,
     /// File rules per session profile, ascending.
@@ -62,7 +62,7 @@ impl Settings {
             batches: 20,
             tcp_batch: 200,
             udp_batch: 2000,
-            open_iters: 20_000,
+            open_batch: 500,
             net_counts: vec![10, 10_000, 100_000],
             file_counts: vec![10, 1000, 10_000],
             flood_procs: 4,
@@ -81,7 +81,7 @@ impl Settings {
             batches: 3,
             tcp_batch: 50,
             udp_batch: 500,
-            open_iters: 500,
+            open_batch: 100,
             net_counts: vec![10, 100, 1000],
             file_counts: vec![10, 100],
             flood_procs: 2,
@@ -447,8 +447,9 @@ fn markdown(
          scenario's figure for the round is the median of its batches. \"Ratio to baseline\" is the median over rounds of the scenario's \
          figure divided by the baseline's of the same round, with the range of those ratios; \
          \"alongside\" ratios divide figures taken in turn within one phase, the tightest \
-         comparison. In the VM each scenario is one process per round ({} opens, the median of \
-         10 batches' means).\n\n",
+         comparison. The VM does the same with two phases (without the enforcer: \
+         the baseline and Landlock; with it: the sessions and a process outside), {} opens a \
+         batch.\n\n",
         machine.date,
         machine.cpu,
         machine.cpus,
@@ -458,7 +459,7 @@ fn markdown(
         settings.batches,
         settings.tcp_batch,
         settings.udp_batch,
-        settings.open_iters,
+        settings.open_batch,
     );
     md += "## Targets\n\n";
     md += &targets(host, guest, settings);

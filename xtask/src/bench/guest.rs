@@ -5,7 +5,7 @@
 
 use std::{fmt::Write as _, fs, path::Path, time::Duration};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::Value;
 
 use super::{
@@ -104,44 +104,53 @@ pub fn run(
     })
 }
 
-/// The guest script: `rounds` rounds of baseline, Landlock, one session per
-/// rule count (through a daemon), and a process outside the sessions while
-/// one is live; then the denied-open flood.
+/// The guest script: `rounds` rounds of two phases. Without the enforcer,
+/// processes with no restriction (the baseline) and under Landlock take
+/// turns; then, with the daemon, a process in a session per rule count and
+/// one outside any session (as many processes in both phases). Then the
+/// denied-open flood.
 fn script(settings: &Settings) -> String {
-    let iters = settings.open_iters;
+    let request = format!("open {TARGET} {}", settings.open_batch);
+    let turns = format!(
+        "$B turns --request '{request}' --batches {}",
+        settings.batches
+    );
+    let mut bare = String::new();
+    for _ in 0..settings.file_counts.len() {
+        bare.push_str(" --worker 'baseline=/bin/enforcer-bench serve'");
+    }
+    let _ = write!(
+        bare,
+        " --worker 'landlock=/bin/enforcer-bench --landlock-allow {DATA_DIR} serve'"
+    );
+    let mut enforced = String::new();
+    for &count in &settings.file_counts {
+        let profile = scenario_session(count);
+        let _ = write!(
+            enforced,
+            " --worker '{profile}=/bin/enforcer --socket /run/bench.sock run --profile {profile} -- /bin/enforcer-bench serve'"
+        );
+    }
+    enforced.push_str(" --worker 'outside=/bin/enforcer-bench serve'");
     let mut s = format!(
         "E=/bin/enforcer; B=/bin/enforcer-bench; S=/run/bench.sock\n\
          $B mkpaths {GUEST_PATHS} || exit 1\n\
-         measure() {{ r=$1; name=$2; shift 2; out=$(\"$@\") || {{ echo \"BENCH-FAILED $name\"; exit 1; }}; echo \"BENCH $r $name $out\"; }}\n\
          start_daemon() {{\n  rm -f $S; $E --socket $S daemon --rules $1 --log $2 2>/tmp/daemon.err & DAEMON=$!; i=0\n  \
            until grep -q 'daemon ready' /tmp/daemon.err; do i=$((i+1)); if [ $i -gt 1200 ]; then cat /tmp/daemon.err; exit 1; fi; sleep 0.1; done\n}}\n\
-         stop_daemon() {{ kill $DAEMON; wait $DAEMON; }}\n\
-         wait_session() {{ until $E --socket $S status --json | grep -q '\"attached\"'; do sleep 0.1; done; }}\n"
+         stop_daemon() {{ kill $DAEMON; wait $DAEMON; }}\n"
     );
-    let largest = scenario_session(*settings.file_counts.last().expect("rule counts"));
     for round in 0..settings.rounds {
         let _ = writeln!(
             s,
             "echo \"bench: round {} of {}\"\n\
-             measure {round} baseline $B open {TARGET} --iters {iters}\n\
-             measure {round} landlock $B open {TARGET} --iters {iters} --landlock-allow {DATA_DIR}\n\
-             start_daemon {GUEST_RULES} /tmp/denials.jsonl",
+             out=$({turns}{bare}) || exit 1\n\
+             echo \"BENCH-TURNS {round} $out\"\n\
+             start_daemon {GUEST_RULES} /tmp/denials.jsonl\n\
+             out=$({turns}{enforced}) || exit 1\n\
+             echo \"BENCH-TURNS {round} $out\"\n\
+             stop_daemon",
             round + 1,
             settings.rounds
-        );
-        for &count in &settings.file_counts {
-            let profile = scenario_session(count);
-            let _ = writeln!(
-                s,
-                "measure {round} {profile} $E --socket $S run --profile {profile} -- $B open {TARGET} --iters {iters}"
-            );
-        }
-        let _ = writeln!(
-            s,
-            "$E --socket $S run --profile {largest} -- sleep 3600 & LIVE=$!\n\
-             wait_session\n\
-             measure {round} outside $B open {TARGET} --iters {iters}\n\
-             kill $LIVE; stop_daemon"
         );
     }
     let _ = writeln!(
@@ -159,24 +168,53 @@ fn script(settings: &Settings) -> String {
     s
 }
 
+/// Adds one round's figures (`{"scenario": ns/op}`) to `open`, with the
+/// ratios to what was measured alongside.
+fn record_round(open: &mut Table, order: &[(String, Option<&str>)], figures: &Value) -> Result<()> {
+    let figure = |scenario: &str| {
+        figures[scenario]
+            .as_f64()
+            .with_context(|| format!("no figure for {scenario}"))
+    };
+    for (scenario, reference) in order {
+        open.push(scenario, figure(scenario)?);
+        if let Some(reference) = reference {
+            open.push_alongside(scenario, reference, figure(scenario)? / figure(reference)?);
+        }
+    }
+    Ok(())
+}
+
 /// Picks the figures out of the script's output.
 fn parse(output: &str, settings: &Settings) -> Result<(Table, Flood)> {
     let mut open = Table::new("open + close of an unprotected file (VM)", "ns/op");
+    // Table order, and what each is compared with alongside.
+    let mut order = vec![("baseline".to_owned(), None), ("landlock".to_owned(), Some("baseline"))];
+    for &count in &settings.file_counts {
+        order.push((scenario_session(count), Some("outside")));
+    }
+    order.push(("outside".to_owned(), None));
+    let mut pending: Option<(usize, Value)> = None;
     let mut flood = None;
     for line in output.lines().map(str::trim) {
-        if let Some(rest) = line.strip_prefix("BENCH ") {
-            let mut fields = rest.splitn(3, ' ');
-            let (Some(_round), Some(scenario), Some(json)) =
-                (fields.next(), fields.next(), fields.next())
-            else {
-                bail!("a malformed line from the VM: {line}");
-            };
+        if let Some(rest) = line.strip_prefix("BENCH-TURNS ") {
+            let (round, json) = rest
+                .split_once(' ')
+                .with_context(|| format!("a malformed line from the VM: {line}"))?;
+            let round: usize = round.parse().with_context(|| format!("bad round: {line}"))?;
             let value: Value =
                 serde_json::from_str(json).with_context(|| format!("bad JSON from the VM: {line}"))?;
-            open.push(
-                scenario,
-                value["ns_per_op"].as_f64().context("no ns_per_op")?,
-            );
+            // A round prints two lines, one per phase.
+            match pending.take() {
+                Some((first_round, mut merged)) if first_round == round => {
+                    if let (Some(all), Some(more)) = (merged.as_object_mut(), value.as_object()) {
+                        all.extend(more.clone());
+                    }
+                    record_round(&mut open, &order, &merged)
+                        .with_context(|| format!("round {round} from the VM"))?;
+                }
+                _ => pending = Some((round, value)),
+            }
         } else if let Some(rest) = line.strip_prefix("BENCH-FLOOD ") {
             let mut fields = rest.splitn(4, ' ');
             let mut number = || -> Result<u64> {

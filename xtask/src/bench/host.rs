@@ -543,8 +543,14 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
         cmd
     };
     let phases = [Phase::Bare, Phase::Nft, Phase::Daemon];
+    let started = Instant::now();
     for round in 0..settings.rounds {
-        println!("xtask bench: host round {} of {}", round + 1, settings.rounds);
+        println!(
+            "xtask bench: host round {} of {} ({:.0?} so far)",
+            round + 1,
+            settings.rounds,
+            started.elapsed()
+        );
         for i in 0..phases.len() {
             // (scenario, the scenario measured alongside it that it is
             // compared with) per worker; the workers' figures are taken in
