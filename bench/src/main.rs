@@ -47,7 +47,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// TCP connect to a listener, then close with an RST (`SO_LINGER` 0, so
-    /// no TIME_WAIT piles up over many rounds).
+    /// no `TIME_WAIT` piles up over many rounds).
     Tcp {
         addr: SocketAddr,
         #[arg(long)]
@@ -182,12 +182,15 @@ fn serve() -> Result<()> {
         ensure!(iters > 0, "bad count in {line:?}");
         let elapsed = match op {
             "tcp" => {
-                let addr = target.parse().with_context(|| format!("bad address in {line:?}"))?;
+                let addr = target
+                    .parse()
+                    .with_context(|| format!("bad address in {line:?}"))?;
                 time_n(iters, || tcp_connect(addr))?
             }
             "udp" => {
-                let addr: SocketAddr =
-                    target.parse().with_context(|| format!("bad address in {line:?}"))?;
+                let addr: SocketAddr = target
+                    .parse()
+                    .with_context(|| format!("bad address in {line:?}"))?;
                 let socket = udp_socket(addr)?;
                 time_n(iters, || udp_send(&socket, addr))?
             }
@@ -221,7 +224,9 @@ impl Worker {
             .split_once('=')
             .with_context(|| format!("--worker {spec:?} is not SCENARIO=COMMAND"))?;
         let mut words = command.split_whitespace();
-        let program = words.next().with_context(|| format!("--worker {spec:?} has no command"))?;
+        let program = words
+            .next()
+            .with_context(|| format!("--worker {spec:?} has no command"))?;
         let mut child = Command::new(program)
             .args(words)
             .stdin(Stdio::piped())
@@ -419,7 +424,11 @@ fn flood(kind: FloodKind, target: &str, procs: u32, millis: u64) -> Result<()> {
     let mut attempted: u64 = 0;
     for worker in workers {
         let out = worker.wait_with_output().context("waiting for a worker")?;
-        ensure!(out.status.success(), "a flood worker failed ({})", out.status);
+        ensure!(
+            out.status.success(),
+            "a flood worker failed ({})",
+            out.status
+        );
         let count = String::from_utf8_lossy(&out.stdout);
         attempted += count
             .trim()
@@ -535,8 +544,7 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 fn mkpaths(list: &Path) -> Result<()> {
-    let text =
-        fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
+    let text = fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
     for line in text.lines().filter(|l| !l.is_empty()) {
         if line.ends_with('/') {
             fs::create_dir_all(line).with_context(|| format!("creating {line}"))?;

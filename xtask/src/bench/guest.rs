@@ -57,7 +57,12 @@ pub fn run(
         files.push((host, format!("{guest_dir}/{name}")));
         Ok(())
     };
-    stage_file(&rules_dir, GUEST_RULES, "default.toml", rules::EMPTY_DEFAULT)?;
+    stage_file(
+        &rules_dir,
+        GUEST_RULES,
+        "default.toml",
+        rules::EMPTY_DEFAULT,
+    )?;
     let largest = *settings.file_counts.last().expect("rule counts");
     let (entries, paths) = rules::file_rules(largest, RULE_ROOT);
     for &count in &settings.file_counts {
@@ -65,7 +70,12 @@ pub fn run(
         let text = rules::file_profile(&name, &entries[..count]);
         stage_file(&rules_dir, GUEST_RULES, &format!("{name}.toml"), &text)?;
     }
-    stage_file(&flood_dir, GUEST_FLOOD_RULES, "default.toml", rules::EMPTY_DEFAULT)?;
+    stage_file(
+        &flood_dir,
+        GUEST_FLOOD_RULES,
+        "default.toml",
+        rules::EMPTY_DEFAULT,
+    )?;
     stage_file(
         &flood_dir,
         GUEST_FLOOD_RULES,
@@ -139,7 +149,7 @@ fn script(settings: &Settings) -> String {
            until grep -q 'daemon ready' /tmp/daemon.err; do i=$((i+1)); if [ $i -gt 1200 ]; then cat /tmp/daemon.err; exit 1; fi; sleep 0.1; done\n}}\n\
          stop_daemon() {{ kill $DAEMON; wait $DAEMON; }}\n"
     );
-    for round in 0..settings.rounds {
+    for round in 0..settings.vm_rounds {
         let _ = writeln!(
             s,
             "echo \"bench: round {} of {}\"\n\
@@ -150,7 +160,7 @@ fn script(settings: &Settings) -> String {
              echo \"BENCH-TURNS {round} $out\"\n\
              stop_daemon",
             round + 1,
-            settings.rounds
+            settings.vm_rounds
         );
     }
     let _ = writeln!(
@@ -189,7 +199,10 @@ fn record_round(open: &mut Table, order: &[(String, Option<&str>)], figures: &Va
 fn parse(output: &str, settings: &Settings) -> Result<(Table, Flood)> {
     let mut open = Table::new("open + close of an unprotected file (VM)", "ns/op");
     // Table order, and what each is compared with alongside.
-    let mut order = vec![("baseline".to_owned(), None), ("landlock".to_owned(), Some("baseline"))];
+    let mut order = vec![
+        ("baseline".to_owned(), None),
+        ("landlock".to_owned(), Some("baseline")),
+    ];
     for &count in &settings.file_counts {
         order.push((scenario_session(count), Some("outside")));
     }
@@ -201,9 +214,11 @@ fn parse(output: &str, settings: &Settings) -> Result<(Table, Flood)> {
             let (round, json) = rest
                 .split_once(' ')
                 .with_context(|| format!("a malformed line from the VM: {line}"))?;
-            let round: usize = round.parse().with_context(|| format!("bad round: {line}"))?;
-            let value: Value =
-                serde_json::from_str(json).with_context(|| format!("bad JSON from the VM: {line}"))?;
+            let round: usize = round
+                .parse()
+                .with_context(|| format!("bad round: {line}"))?;
+            let value: Value = serde_json::from_str(json)
+                .with_context(|| format!("bad JSON from the VM: {line}"))?;
             // A round prints two lines, one per phase.
             match pending.take() {
                 Some((first_round, mut merged)) if first_round == round => {
@@ -242,11 +257,13 @@ fn parse(output: &str, settings: &Settings) -> Result<(Table, Flood)> {
         }
     }
     ensure!(
-        open.series.first().is_some_and(|s| s.scenario == "baseline")
+        open.series
+            .first()
+            .is_some_and(|s| s.scenario == "baseline")
             && open
                 .series
                 .iter()
-                .all(|s| s.samples.len() == settings.rounds),
+                .all(|s| s.samples.len() == settings.vm_rounds),
         "the VM did not report every scenario of every round"
     );
     Ok((open, flood.context("the VM reported no flood result")?))

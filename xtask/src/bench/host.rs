@@ -164,7 +164,8 @@ impl<'a> Daemon<'a> {
             "enforcer status failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let status: Value = serde_json::from_slice(&out.stdout).context("enforcer status --json")?;
+        let status: Value =
+            serde_json::from_slice(&out.stdout).context("enforcer status --json")?;
         ensure!(
             status["controller"] == "daemon",
             "enforcer status did not reach the daemon: {status}"
@@ -526,8 +527,11 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
     }
     let cgroup = Cgroup::create(&format!("{CGROUP_PREFIX}{}", std::process::id()))?;
     let table_name = format!("{TABLE_PREFIX}{}", std::process::id());
-    let (table, nft_load) =
-        NftTable::load(&table_name, &rules::nft_sets(&table_name, &all_rules), tools.work)?;
+    let (table, nft_load) = NftTable::load(
+        &table_name,
+        &rules::nft_sets(&table_name, &all_rules),
+        tools.work,
+    )?;
     let nft_chain = rules::nft_chain(&table_name, &cgroup.nft_path, cgroup.level);
 
     let mut tables = [
@@ -538,10 +542,6 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
         format!("tcp {} {}", targets.tcp, settings.tcp_batch),
         format!("udp {} {}", targets.udp, settings.udp_batch),
     ];
-    let serve = |mut cmd: Command| {
-        cmd.arg("serve");
-        cmd
-    };
     let phases = [Phase::Bare, Phase::Nft, Phase::Daemon];
     let started = Instant::now();
     for round in 0..settings.rounds {
@@ -552,64 +552,29 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
             started.elapsed()
         );
         for i in 0..phases.len() {
-            // (scenario, the scenario measured alongside it that it is
-            // compared with) per worker; the workers' figures are taken in
-            // alternating batches.
-            // Every phase has as many workers as the daemon phase (the
-            // reference scenario's are pooled), so that each process waits
-            // the same while the others take their turns.
-            let per_phase = settings.net_counts.len() + 1;
-            let (_chain, _daemon, mut workers, pairs) = match phases[(round + i) % phases.len()] {
-                Phase::Bare => (
-                    None,
-                    None,
-                    (0..per_phase)
-                        .map(|_| Worker::spawn("baseline", serve(tools.bench())))
-                        .collect::<Result<Vec<_>>>()?,
-                    vec![],
-                ),
-                Phase::Nft => {
-                    let chain = NftChain::add(&table, &nft_chain, tools.work)?;
-                    let mut in_cgroup = tools.bench();
-                    in_cgroup.arg("--cgroup").arg(&cgroup.path);
-                    let nft = scenario_nft(largest);
-                    let mut workers = vec![Worker::spawn(&nft, serve(in_cgroup))?];
-                    for _ in 1..per_phase {
-                        workers.push(Worker::spawn(NFT_OUTSIDE, serve(tools.bench()))?);
-                    }
-                    (Some(chain), None, workers, vec![(nft, NFT_OUTSIDE)])
-                }
-                Phase::Daemon => {
-                    let (daemon, _) = Daemon::start(tools, &rules_dir, &tools.work.join("daemon"))?;
-                    let mut workers = Vec::new();
-                    let mut pairs = Vec::new();
-                    for &count in &settings.net_counts {
-                        let profile = scenario_session(count);
-                        workers.push(Worker::spawn(
-                            &profile,
-                            serve(daemon.session(&profile, &[], tools.bench)),
-                        )?);
-                        pairs.push((profile, "outside"));
-                    }
-                    workers.push(Worker::spawn("outside", serve(tools.bench()))?);
-                    (None, Some(daemon), workers, pairs)
-                }
+            let setup = PhaseSetup {
+                tools,
+                settings,
+                rules_dir: &rules_dir,
+                table: &table,
+                nft_chain: &nft_chain,
+                cgroup: &cgroup,
             };
+            let mut phase = setup.start(phases[(round + i) % phases.len()])?;
+            let workers = &mut phase.workers;
             for (table, request) in tables.iter_mut().zip(&requests) {
-                let figures = interleave(&mut workers, request, settings.batches)?;
+                let figures = interleave(workers, request, settings.batches)?;
                 let median = |scenario: &str| Stats::of(&figures[scenario]).median;
                 // In worker order, so the table lists scenarios as started.
-                for worker in &workers {
+                for worker in workers.iter() {
                     if table.get(&worker.scenario).map_or(0, |s| s.samples.len()) == round {
                         table.push(&worker.scenario, median(&worker.scenario));
                     }
                 }
-                for (scenario, reference) in &pairs {
+                for (scenario, reference) in &phase.pairs {
                     table.push_alongside(scenario, reference, median(scenario) / median(reference));
                 }
             }
-            // Workers end before their daemon and chain go.
-            drop(workers);
         }
     }
     drop(table);
@@ -624,6 +589,90 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
         flood,
         loading,
     })
+}
+
+/// `cmd serve`.
+fn serve(mut cmd: Command) -> Command {
+    cmd.arg("serve");
+    cmd
+}
+
+/// What a phase needs to start.
+struct PhaseSetup<'a> {
+    tools: &'a Tools<'a>,
+    settings: &'a Settings,
+    rules_dir: &'a Path,
+    table: &'a NftTable,
+    nft_chain: &'a str,
+    cgroup: &'a Cgroup,
+}
+
+/// One phase of a round, running. Fields drop in order: the workers end
+/// before their daemon or chain goes.
+struct RunningPhase<'a> {
+    workers: Vec<Worker>,
+    /// `(scenario, the scenario measured alongside it that it is compared
+    /// with)`.
+    pairs: Vec<(String, &'static str)>,
+    _daemon: Option<Daemon<'a>>,
+    _chain: Option<NftChain<'a>>,
+}
+
+impl<'a> PhaseSetup<'a> {
+    /// Starts the phase's state and workers. Every phase has as many
+    /// workers as the daemon phase (the reference scenario's are pooled),
+    /// so that each process waits the same while the others take turns.
+    fn start(&self, phase: Phase) -> Result<RunningPhase<'a>> {
+        let tools = self.tools;
+        let per_phase = self.settings.net_counts.len() + 1;
+        let largest = *self.settings.net_counts.last().expect("rule counts");
+        Ok(match phase {
+            Phase::Bare => RunningPhase {
+                workers: (0..per_phase)
+                    .map(|_| Worker::spawn("baseline", serve(tools.bench())))
+                    .collect::<Result<_>>()?,
+                pairs: vec![],
+                _daemon: None,
+                _chain: None,
+            },
+            Phase::Nft => {
+                let chain = NftChain::add(self.table, self.nft_chain, tools.work)?;
+                let mut in_cgroup = tools.bench();
+                in_cgroup.arg("--cgroup").arg(&self.cgroup.path);
+                let nft = scenario_nft(largest);
+                let mut workers = vec![Worker::spawn(&nft, serve(in_cgroup))?];
+                for _ in 1..per_phase {
+                    workers.push(Worker::spawn(NFT_OUTSIDE, serve(tools.bench()))?);
+                }
+                RunningPhase {
+                    workers,
+                    pairs: vec![(nft, NFT_OUTSIDE)],
+                    _daemon: None,
+                    _chain: Some(chain),
+                }
+            }
+            Phase::Daemon => {
+                let (daemon, _) = Daemon::start(tools, self.rules_dir, &tools.work.join("daemon"))?;
+                let mut workers = Vec::new();
+                let mut pairs = Vec::new();
+                for &count in &self.settings.net_counts {
+                    let profile = scenario_session(count);
+                    workers.push(Worker::spawn(
+                        &profile,
+                        serve(daemon.session(&profile, &[], tools.bench)),
+                    )?);
+                    pairs.push((profile, "outside"));
+                }
+                workers.push(Worker::spawn("outside", serve(tools.bench()))?);
+                RunningPhase {
+                    workers,
+                    pairs,
+                    _daemon: Some(daemon),
+                    _chain: None,
+                }
+            }
+        })
+    }
 }
 
 /// A process outside the nftables cgroup while the chain is in place.
@@ -700,9 +749,7 @@ fn flood(tools: &Tools<'_>, settings: &Settings) -> Result<Flood> {
         delivered,
         lost: counters["events_lost"].as_u64().context("events_lost")?,
         denied: counters["denied"].as_u64().context("denied")?,
-        attempt_time: Duration::from_secs_f64(
-            result["millis"].as_f64().context("millis")? / 1e3,
-        ),
+        attempt_time: Duration::from_secs_f64(result["millis"].as_f64().context("millis")? / 1e3),
         wall,
     };
     daemon.stop()?;
@@ -771,7 +818,10 @@ fn loading(tools: &Tools<'_>, settings: &Settings, net: &[NetRule]) -> Result<Lo
             .stderr(Stdio::null())
             .status()
             .context("opening a session")?;
-        ensure!(status.success(), "a session of the loaded profile failed ({status})");
+        ensure!(
+            status.success(),
+            "a session of the loaded profile failed ({status})"
+        );
         loading.session.push(started.elapsed());
         let (hwm, rss) = daemon.memory_kib()?;
         loading.hwm_kib.push(hwm);
@@ -780,7 +830,11 @@ fn loading(tools: &Tools<'_>, settings: &Settings, net: &[NetRule]) -> Result<Lo
 
         let started = Instant::now();
         let out = Command::new(tools.enforcer)
-            .args([OsStr::new("check"), OsStr::new("--offline"), OsStr::new("--rules")])
+            .args([
+                OsStr::new("check"),
+                OsStr::new("--offline"),
+                OsStr::new("--rules"),
+            ])
             .arg(&rules_dir)
             .output()
             .context("running enforcer check")?;

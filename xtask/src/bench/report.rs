@@ -239,6 +239,9 @@ mod tests {
         }
         assert_eq!(t.ratios("x", "base").unwrap(), [1.1, 1.0]);
         let md = table_markdown(&t, &|s: &str| s.to_owned());
-        assert!(md.contains("| x | 16 | 13–18 | 1.050 | 1.000–1.100 | — |"), "{md}");
+        assert!(
+            md.contains("| x | 16 | 13–18 | 1.050 | 1.000–1.100 | — |"),
+            "{md}"
+        );
     }
 }

@@ -20,8 +20,8 @@ pub struct NetRule {
 /// address is covered by more than one, and the nftables interval sets
 /// accept them), none covering loopback (the benchmark's target):
 /// IPv4 /24 with a port over TCP, /32 with a port, /25 on every port, in
-/// 10.0.0.0/8 upwards; IPv6 /64 with a port over UDP, or on every port, in
-/// 2001:db8::/32.
+/// `10.0.0.0/8` upwards; IPv6 /64 with a port over UDP, or on every port, in
+/// `2001:db8::/32`.
 pub fn net_rules(count: usize) -> Vec<NetRule> {
     (0..count)
         .map(|i| {
@@ -124,7 +124,11 @@ pub fn nft_sets(name: &str, rules: &[NetRule]) -> String {
             "  set deny{family} {{ type ipv{family}_addr . inet_proto . inet_service; flags interval;{elements} }}\n"
         )
     };
-    format!("table inet {name} {{\n{}{}}}\n", set("4", &v4), set("6", &v6))
+    format!(
+        "table inet {name} {{\n{}{}}}\n",
+        set("4", &v4),
+        set("6", &v6)
+    )
 }
 
 /// The output chain of table `name` that rejects, for sockets of the cgroup
@@ -199,10 +203,16 @@ mod tests {
         assert!(toml.contains("\"10.0.0.0/24:1000/tcp\",\n"), "{toml}");
         assert!(toml.contains("\"10.0.1.7/32:2001\",\n"), "{toml}");
         assert!(toml.contains("\"10.0.2.128/25\",\n"), "{toml}");
-        assert!(toml.contains("\"[2001:db8:0:1::/64]:3001/udp\",\n"), "{toml}");
+        assert!(
+            toml.contains("\"[2001:db8:0:1::/64]:3001/udp\",\n"),
+            "{toml}"
+        );
         assert!(toml.contains("\"2001:db8:0:0::/64\",\n"), "{toml}");
         let nft = nft_sets("t", &rules);
-        assert!(nft.contains("10.0.1.7/32 . tcp . 2001, 10.0.1.7/32 . udp . 2001"), "{nft}");
+        assert!(
+            nft.contains("10.0.1.7/32 . tcp . 2001, 10.0.1.7/32 . udp . 2001"),
+            "{nft}"
+        );
         assert!(nft.contains("2001:db8:0:1::/64 . udp . 3001"), "{nft}");
         assert!(nft_chain("t", "unified/x", 1).contains(
             "socket cgroupv2 level 1 \"unified/x\" ip6 daddr . meta l4proto . th dport @deny6"
@@ -214,8 +224,18 @@ mod tests {
         let (entries, paths) = file_rules(6, "/r");
         assert_eq!(
             entries,
-            ["/r/exact/f0", "/r/dirs/d1/", "**/secret-2", "/r/exact/f3", "/r/dirs/d4/", "**/*.s5"]
+            [
+                "/r/exact/f0",
+                "/r/dirs/d1/",
+                "**/secret-2",
+                "/r/exact/f3",
+                "/r/dirs/d4/",
+                "**/*.s5"
+            ]
         );
-        assert_eq!(paths, ["/r/exact/f0", "/r/dirs/d1/", "/r/exact/f3", "/r/dirs/d4/"]);
+        assert_eq!(
+            paths,
+            ["/r/exact/f0", "/r/dirs/d1/", "/r/exact/f3", "/r/dirs/d4/"]
+        );
     }
 }
