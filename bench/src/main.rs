@@ -1,34 +1,36 @@
 //! `enforcer-bench`: the load generator behind `cargo xtask bench`.
 //!
-//! Each command times one operation in a loop and prints one JSON line on
-//! stdout. The orchestrator decides where the process runs (no enforcer, an
-//! agent session, an nftables-filtered cgroup, outside any session) and
-//! compares the figures; this binary only measures.
+//! The orchestrator decides where each process runs (no enforcer, an agent
+//! session, an nftables-filtered cgroup, under Landlock, outside any
+//! session) and compares the figures; this binary only measures.
 //!
 //! ```text
-//! enforcer-bench [--cgroup DIR] tcp ADDR:PORT --iters N      connect + close (RST), ns/op
-//! enforcer-bench [--cgroup DIR] udp ADDR:PORT --iters N      unconnected sendto, ns/op
-//! enforcer-bench [--landlock-allow DIR] open PATH --iters N  open + close, ns/op
-//! enforcer-bench flood tcp|open TARGET --procs P --millis T  denied operations, counted
-//! enforcer-bench serve                                       batches on request (stdin)
-//! enforcer-bench turns --request R --batches B --worker S=CMD...  serve workers taking turns
-//! enforcer-bench mkpaths LIST                                create the files and dirs/ listed
+//! enforcer-bench [--cgroup DIR] [--landlock-allow DIR] serve
+//!     batches on request: stdin lines `tcp|udp ADDR:PORT N` or `open PATH N`,
+//!     stdout `{"ns_per_op": X}` (TCP: connect + close with an RST; UDP:
+//!     unconnected sendto; open: open + close)
+//! enforcer-bench turns --request R --batches B --worker SCENARIO=COMMAND...
+//!     serve workers taking turns; prints the median ns/op per scenario
+//! enforcer-bench flood tcp|open TARGET --procs P --millis T
+//!     denied operations from P processes; prints how many were attempted
+//! enforcer-bench mkpaths LIST
+//!     create the files and directories (ending in /) listed
 //! ```
 
 use std::{
-    collections::BTreeMap,
     ffi::CString,
     fs,
-    io::{self, BufRead, BufReader, Write as _},
+    io::{self, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
-    os::{fd::AsRawFd, unix::ffi::OsStrExt},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
+use enforcer_bench::{Worker, interleave, median};
 
 #[derive(Parser)]
 #[command(about = "Load generator for `cargo xtask bench`")]
@@ -46,25 +48,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// TCP connect to a listener, then close with an RST (`SO_LINGER` 0, so
-    /// no `TIME_WAIT` piles up over many rounds).
-    Tcp {
-        addr: SocketAddr,
-        #[arg(long)]
-        iters: u64,
-    },
-    /// `sendto` of 32 bytes from one unconnected UDP socket.
-    Udp {
-        addr: SocketAddr,
-        #[arg(long)]
-        iters: u64,
-    },
-    /// `open(O_RDONLY)` + `close` of one file.
-    Open {
-        path: PathBuf,
-        #[arg(long)]
-        iters: u64,
-    },
     /// Denied operations in a tight loop from several processes for a
     /// while; prints how many were attempted. Every attempt must fail with
     /// EPERM.
@@ -86,8 +69,10 @@ enum Cmd {
     },
     /// Measure batches on request, for as long as stdin is open: each line
     /// `tcp|udp ADDR:PORT N` or `open PATH N` runs N operations and prints
-    /// `{"ns_per_op": X}` (their mean). Lets the orchestrator alternate
-    /// short batches between scenarios, so drift hits them alike.
+    /// `{"ns_per_op": X}` (their mean). TCP connects and closes with an RST
+    /// (`SO_LINGER` 0, so no `TIME_WAIT` piles up); UDP sends 32 bytes from
+    /// one unconnected socket. Lets the orchestrator alternate short
+    /// batches between scenarios, so drift hits them alike.
     Serve,
     /// Start a `serve` worker per scenario and have them take turns: after
     /// a warm-up batch each, BATCHES rounds in which every worker runs
@@ -134,15 +119,6 @@ fn run(cli: Cli) -> Result<()> {
         landlock::restrict_to(dir)?;
     }
     match cli.command {
-        Cmd::Tcp { addr, iters } => timed(iters, || tcp_connect(addr)),
-        Cmd::Udp { addr, iters } => {
-            let socket = udp_socket(addr)?;
-            timed(iters, || udp_send(&socket, addr))
-        }
-        Cmd::Open { path, iters } => {
-            let c_path = CString::new(path.as_os_str().as_bytes())?;
-            timed(iters, || open_close(&c_path, &path))
-        }
         Cmd::Flood {
             kind,
             target,
@@ -209,98 +185,27 @@ fn serve() -> Result<()> {
     Ok(())
 }
 
-/// A `serve` process in its scenario, ended (stdin closed) when dropped.
-struct Worker {
-    scenario: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Worker {
-    /// `SCENARIO=COMMAND ARGS...`.
-    fn spawn(spec: &str) -> Result<Worker> {
-        let (scenario, command) = spec
-            .split_once('=')
-            .with_context(|| format!("--worker {spec:?} is not SCENARIO=COMMAND"))?;
-        let mut words = command.split_whitespace();
-        let program = words
-            .next()
-            .with_context(|| format!("--worker {spec:?} has no command"))?;
-        let mut child = Command::new(program)
-            .args(words)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {command}"))?;
-        Ok(Worker {
-            scenario: scenario.to_owned(),
-            stdin: child.stdin.take(),
-            stdout: BufReader::new(child.stdout.take().context("no stdout pipe")?),
-            child,
-        })
-    }
-
-    fn batch(&mut self, request: &str) -> Result<f64> {
-        let stdin = self.stdin.as_mut().context("worker closed")?;
-        writeln!(stdin, "{request}")
-            .and_then(|()| stdin.flush())
-            .with_context(|| format!("the {} worker is gone", self.scenario))?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        ensure!(
-            !line.is_empty(),
-            "the {} worker exited during `{request}`",
-            self.scenario
-        );
-        let value: serde_json::Value =
-            serde_json::from_str(&line).with_context(|| format!("bad answer {line:?}"))?;
-        value["ns_per_op"]
-            .as_f64()
-            .with_context(|| format!("bad answer {line:?}"))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
-    }
-}
-
 fn turns(request: &str, batches: usize, specs: &[String]) -> Result<()> {
     let mut workers = specs
         .iter()
-        .map(|spec| Worker::spawn(spec))
-        .collect::<Result<Vec<_>>>()?;
-    for worker in &mut workers {
-        worker.batch(request)?;
-    }
-    let mut figures: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for round in 0..batches {
-        for i in 0..workers.len() {
-            let index = (round + i) % workers.len();
-            let worker = &mut workers[index];
-            let figure = worker.batch(request)?;
-            figures
-                .entry(worker.scenario.clone())
-                .or_default()
-                .push(figure);
-        }
-    }
-    let medians: serde_json::Map<String, serde_json::Value> = figures
-        .into_iter()
-        .map(|(scenario, mut values)| {
-            values.sort_by(f64::total_cmp);
-            let n = values.len();
-            let median = if n % 2 == 1 {
-                values[n / 2]
-            } else {
-                f64::midpoint(values[n / 2 - 1], values[n / 2])
-            };
-            (scenario, median.into())
+        .map(|spec| {
+            let (scenario, command) = spec
+                .split_once('=')
+                .with_context(|| format!("--worker {spec:?} is not SCENARIO=COMMAND"))?;
+            let mut words = command.split_whitespace();
+            let program = words
+                .next()
+                .with_context(|| format!("--worker {spec:?} has no command"))?;
+            let mut cmd = Command::new(program);
+            cmd.args(words);
+            Worker::spawn(scenario, cmd)
         })
-        .collect();
+        .collect::<Result<Vec<_>>>()?;
+    let medians: serde_json::Map<String, serde_json::Value> =
+        interleave(&mut workers, request, batches)?
+            .into_iter()
+            .map(|(scenario, figures)| (scenario, median(&figures).into()))
+            .collect();
     println!("{}", serde_json::Value::Object(medians));
     Ok(())
 }
@@ -328,40 +233,6 @@ fn udp_send(socket: &UdpSocket, addr: SocketAddr) -> Result<()> {
         .send_to(&[0u8; 32], addr)
         .map(drop)
         .with_context(|| format!("sendto {addr}"))
-}
-
-/// Batches a measurement is split into (see [`timed`]).
-const BATCHES: u64 = 10;
-
-/// Runs `op` `iters / 10` times to warm up, then `iters` times timed in
-/// [`BATCHES`] batches, and prints `{"iters": N, "ns_per_op": X,
-/// "mean_ns_per_op": Y}`: X is the median of the batches' means, so a burst
-/// of interference from other work on the machine moves it less than the
-/// overall mean Y.
-fn timed(iters: u64, mut op: impl FnMut() -> Result<()>) -> Result<()> {
-    ensure!(iters >= BATCHES, "--iters must be at least {BATCHES}");
-    for _ in 0..iters / 10 {
-        op()?;
-    }
-    let per_batch = iters / BATCHES;
-    let mut batches = Vec::new();
-    let mut total = Duration::ZERO;
-    for _ in 0..BATCHES {
-        let elapsed = time_n(per_batch, &mut op)?;
-        total += elapsed;
-        #[expect(clippy::cast_precision_loss, reason = "a ratio of two times")]
-        batches.push(elapsed.as_nanos() as f64 / per_batch as f64);
-    }
-    batches.sort_by(f64::total_cmp);
-    let median = usize::try_from(BATCHES / 2).expect("small");
-    let ns_per_op = f64::midpoint(batches[median - 1], batches[median]);
-    #[expect(clippy::cast_precision_loss, reason = "a ratio of two times")]
-    let mean = total.as_nanos() as f64 / (per_batch * BATCHES) as f64;
-    println!(
-        "{}",
-        serde_json::json!({ "iters": per_batch * BATCHES, "ns_per_op": ns_per_op, "mean_ns_per_op": mean })
-    );
-    Ok(())
 }
 
 fn tcp_connect(addr: SocketAddr) -> Result<()> {

@@ -316,13 +316,17 @@ fn remove_stale_work_dirs(vm_dir: &Path) {
         else {
             continue;
         };
-        // SAFETY: signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        if process_gone(pid) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Whether no process `pid` exists (any more).
+fn process_gone(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists.
+    let failed = unsafe { libc::kill(pid, 0) } != 0;
+    failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Stages the guest files in `work_dir` and boots the VM once to run `tests`

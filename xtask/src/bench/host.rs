@@ -3,24 +3,23 @@
 //! events, and rule loading.
 
 use std::{
-    collections::BTreeMap,
     ffi::OsStr,
     fs::{self, File},
-    io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, UdpSocket},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use enforcer_bench::{Worker, interleave, median};
 use serde_json::Value;
 
 use super::{
     Settings,
-    report::{Stats, Table},
+    report::Table,
     rules::{self, NetRule},
 };
 
@@ -220,92 +219,6 @@ impl Drop for Daemon<'_> {
     }
 }
 
-/// A long-lived `enforcer-bench serve` in its scenario, measuring batches
-/// on request; ended (stdin closed, then killed if need be) when dropped.
-struct Worker {
-    scenario: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Worker {
-    /// Starts `cmd` (which ends in `enforcer-bench [--cgroup DIR] serve`).
-    fn spawn(scenario: &str, mut cmd: Command) -> Result<Worker> {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting the {scenario} worker: {cmd:?}"))?;
-        let stdin = child.stdin.take().context("no stdin pipe")?;
-        let stdout = BufReader::new(child.stdout.take().context("no stdout pipe")?);
-        Ok(Worker {
-            scenario: scenario.to_owned(),
-            child,
-            stdin: Some(stdin),
-            stdout,
-        })
-    }
-
-    /// Runs one batch (`OP TARGET N`) and returns its ns per operation.
-    fn batch(&mut self, request: &str) -> Result<f64> {
-        let stdin = self.stdin.as_mut().context("worker closed")?;
-        writeln!(stdin, "{request}")
-            .and_then(|()| stdin.flush())
-            .with_context(|| format!("the {} worker is gone", self.scenario))?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
-        ensure!(
-            !line.is_empty(),
-            "the {} worker exited during `{request}` (its error is above)",
-            self.scenario
-        );
-        last_json(&line)?["ns_per_op"]
-            .as_f64()
-            .with_context(|| format!("the {} worker answered {line:?}", self.scenario))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Alternates batches between `workers` (in an order rotated every cycle,
-/// after one warm-up batch each): `batches` per worker. Returns the batch
-/// figures per scenario (workers of the same scenario pooled).
-fn interleave(
-    workers: &mut [Worker],
-    request: &str,
-    batches: usize,
-) -> Result<BTreeMap<String, Vec<f64>>> {
-    for worker in workers.iter_mut() {
-        worker.batch(request)?;
-    }
-    let mut figures: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for cycle in 0..batches {
-        for i in 0..workers.len() {
-            let worker = &mut workers[(cycle + i) % workers.len()];
-            let figure = worker.batch(request)?;
-            figures
-                .entry(worker.scenario.clone())
-                .or_default()
-                .push(figure);
-        }
-    }
-    Ok(figures)
-}
-
 /// A cgroup of our own, removed when dropped (it is empty by then: the
 /// processes that joined it have exited).
 struct Cgroup {
@@ -482,13 +395,7 @@ const TABLE_PREFIX: &str = "enforcer_bench_";
 /// Removes the cgroups and nftables tables of runs whose xtask is gone
 /// (killed before it could clean up).
 fn remove_stale() {
-    let gone = |pid: &str| {
-        pid.parse::<libc::pid_t>().is_ok_and(|pid| {
-            // SAFETY: signal 0 only checks whether the process exists.
-            let failed = unsafe { libc::kill(pid, 0) } != 0;
-            failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-        })
-    };
+    let gone = |pid: &str| pid.parse().is_ok_and(crate::process_gone);
     if let Ok(entries) = cgroup2_mount().and_then(|m| Ok(fs::read_dir(m)?)) {
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name();
@@ -564,7 +471,7 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
             let workers = &mut phase.workers;
             for (table, request) in tables.iter_mut().zip(&requests) {
                 let figures = interleave(workers, request, settings.batches)?;
-                let median = |scenario: &str| Stats::of(&figures[scenario]).median;
+                let median = |scenario: &str| median(&figures[scenario]);
                 // In worker order, so the table lists scenarios as started.
                 for worker in workers.iter() {
                     if table.get(&worker.scenario).map_or(0, |s| s.samples.len()) == round {
