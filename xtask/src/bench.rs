@@ -342,7 +342,7 @@ fn targets(host: &host::HostResults, guest: &guest::GuestResults, settings: &Set
             if flood.exact() { "exact" } else { "NOT exact" }
         );
     }
-    let rate = host.flood.delivered_per_sec();
+    let rate = host.flood.delivered_per_sec().unwrap_or(f64::NAN);
     let _ = writeln!(
         md,
         "| at least 500 000 denial events/s reach the log (host) | {rate:.0}/s | {} |",
@@ -374,22 +374,20 @@ fn targets(host: &host::HostResults, guest: &guest::GuestResults, settings: &Set
     md
 }
 
-fn flood_markdown(flood: &Flood, host: bool) -> String {
+fn flood_markdown(flood: &Flood) -> String {
     #[expect(clippy::cast_precision_loss, reason = "event counts")]
     let attempts = flood.attempted as f64 / flood.attempt_time.as_secs_f64();
-    let rate = if host {
-        format!(
-            "{:.0} events/s reached the log ({} in {:.2} s, from the session's start until \
+    let rate = match (flood.wall, flood.delivered_per_sec()) {
+        (Some(wall), Some(rate)) => format!(
+            "{rate:.0} events/s reached the log ({} in {:.2} s, from the session's start until \
              `enforcer run` returned with the log written)",
-            flood.delivered_per_sec(),
             flood.delivered,
-            flood.wall.as_secs_f64()
-        )
-    } else {
-        format!(
+            wall.as_secs_f64()
+        ),
+        _ => format!(
             "{} events reached the log (TCG: rates are not comparable with the host)",
             flood.delivered
-        )
+        ),
     };
     format!(
         "- {what}, {procs} processes: {attempted} attempted ({attempts:.0}/s), {rate}; \
@@ -508,8 +506,8 @@ fn markdown(
         table_markdown(&guest.open, &label)
     );
     md += "\n## 4. Denial events\n\n";
-    md += &flood_markdown(&host.flood, true);
-    md += &flood_markdown(&guest.flood, false);
+    md += &flood_markdown(&host.flood);
+    md += &flood_markdown(&guest.flood);
     md += "\n## 5. Rule loading\n\n";
     md += &loading_markdown(&host.loading, host.nft_load);
     md += "\n## 6. DNS proxy\n\nNot measured: the DNS proxy has not landed.\n";
@@ -526,7 +524,7 @@ fn flood_json(flood: &Flood) -> serde_json::Value {
         "denied_counter": flood.denied,
         "exact": flood.exact(),
         "attempt_ms": millis(flood.attempt_time),
-        "wall_ms": millis(flood.wall),
+        "wall_ms": flood.wall.map(millis),
     })
 }
 

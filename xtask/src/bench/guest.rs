@@ -250,9 +250,7 @@ fn parse(output: &str, settings: &Settings) -> Result<(Table, Flood)> {
                 lost,
                 denied,
                 attempt_time: Duration::from_secs_f64(millis / 1e3),
-                // The guest cannot time the drain: it is counted after the
-                // session ended, and this is the attempting time.
-                wall: Duration::from_secs_f64(millis / 1e3),
+                wall: None,
             });
         }
     }
