@@ -4,6 +4,7 @@
 //! (nightly rust-src, LLVM 22, bpf-linker), installing what is missing and
 //! saying so, so the README's commands work on a fresh machine.
 
+mod bench;
 mod bootstrap;
 mod vm;
 
@@ -50,6 +51,15 @@ enum Cmd {
         #[arg(last = true)]
         test_args: Vec<String>,
     },
+    /// Measure the enforcer's overhead and scale next to no enforcer,
+    /// nftables and Landlock (as root; a few minutes, part of it in the QEMU
+    /// VM); writes target/bench/results.md and results.json.
+    Bench {
+        /// A short run (seconds) that checks the benchmark works; its figures
+        /// mean nothing. `cargo xtask test` runs this.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Build, then run target/release/enforcer with the given arguments,
     /// e.g. `cargo xtask run -- run -- curl https://backboard.railway.app`.
     Run {
@@ -75,6 +85,15 @@ fn main() -> Result<()> {
                 timeout: Duration::from_mins(timeout_mins),
             };
             vm_tests(&enforcer, &selection)
+        }
+        Cmd::Bench { quick } => {
+            let enforcer = build()?;
+            let settings = if quick {
+                bench::Settings::quick()
+            } else {
+                bench::Settings::full()
+            };
+            bench::run(&enforcer, &build_bench()?, &settings, quick)
         }
         Cmd::Run { args } => {
             let enforcer = build()?;
@@ -115,6 +134,12 @@ fn build() -> Result<PathBuf> {
     Ok(workspace_root().join("target/release/enforcer"))
 }
 
+/// Build target/release/enforcer-bench, the benchmark's load generator.
+fn build_bench() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "-p", "enforcer-bench"]))?;
+    Ok(workspace_root().join("target/release/enforcer-bench"))
+}
+
 fn test() -> Result<()> {
     let enforcer = build()?;
     println!("xtask: unit tests");
@@ -126,6 +151,8 @@ fn test() -> Result<()> {
         "enforcer-common",
         "-p",
         "xtask",
+        "-p",
+        "enforcer-bench",
     ]))?;
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -141,7 +168,9 @@ fn test() -> Result<()> {
     run(cargo()
         .args(["test", "-p", "integration-tests", "--", "--test-threads=1"])
         .env("ENFORCER_BIN", &enforcer))?;
-    vm_tests(&enforcer, &VmSelection::default())
+    vm_tests(&enforcer, &VmSelection::default())?;
+    println!("xtask: a quick benchmark run, to check the benchmark works (timings not checked)");
+    bench::run(&enforcer, &build_bench()?, &bench::Settings::quick(), true)
 }
 
 /// Integration test targets that also run inside the VM, in this order:
@@ -292,13 +321,17 @@ fn remove_stale_work_dirs(vm_dir: &Path) {
         else {
             continue;
         };
-        // SAFETY: signal 0 only checks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        if process_gone(pid) {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
+}
+
+/// Whether no process `pid` exists (any more).
+fn process_gone(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists.
+    let failed = unsafe { libc::kill(pid, 0) } != 0;
+    failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Stages the guest files in `work_dir` and boots the VM once to run `tests`
@@ -311,17 +344,7 @@ fn run_vm_tests(
     tests: &[(String, PathBuf)],
     selection: &VmSelection,
 ) -> Result<vm::VmOutcome> {
-    let mut files = Vec::new();
-    let etc = work_dir.join("guest-etc");
-    fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
-    for (guest, contents) in GUEST_FILES {
-        let name = Path::new(guest)
-            .file_name()
-            .expect("guest files have names");
-        let host = etc.join(name);
-        fs::write(&host, contents).with_context(|| format!("writing {}", host.display()))?;
-        files.push((host, guest.to_owned()));
-    }
+    let files = stage_guest_files(work_dir)?;
 
     let mut binaries = vec![enforcer.to_owned(), probe];
     let mut guest_tests = Vec::new();
@@ -352,6 +375,23 @@ fn run_vm_tests(
             memory_mb: VM_MEMORY_MB,
         },
     )
+}
+
+/// Writes [`GUEST_FILES`] under `work_dir` and returns them as
+/// [`vm::VmRun::files`] entries.
+fn stage_guest_files(work_dir: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut files = Vec::new();
+    let etc = work_dir.join("guest-etc");
+    fs::create_dir_all(&etc).with_context(|| format!("creating {}", etc.display()))?;
+    for (guest, contents) in GUEST_FILES {
+        let name = Path::new(guest)
+            .file_name()
+            .expect("guest files have names");
+        let host = etc.join(name);
+        fs::write(&host, contents).with_context(|| format!("writing {}", host.display()))?;
+        files.push((host, guest.to_owned()));
+    }
+    Ok(files)
 }
 
 /// `` `a` `` or `` `a`, `b` ``.
