@@ -81,8 +81,13 @@ impl Targets {
     }
 }
 
-/// A running `enforcer daemon`, stopped (SIGTERM, which also ends its
-/// sessions) when dropped.
+/// Where the benchmark's daemons pin their enforcement (removed with
+/// `enforcer stop --unload` when they stop).
+pub const PIN_DIR: &str = "/sys/fs/bpf/enforcer-bench";
+
+/// A running `enforcer daemon`, stopped with `enforcer stop --unload
+/// --force` (which ends its sessions and removes its pinned enforcement)
+/// when dropped.
 pub struct Daemon<'a> {
     tools: &'a Tools<'a>,
     child: Child,
@@ -113,6 +118,7 @@ impl<'a> Daemon<'a> {
             .arg(rules)
             .arg("--log")
             .arg(&log)
+            .args(["--pin-dir", PIN_DIR])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -185,18 +191,26 @@ impl<'a> Daemon<'a> {
         Ok((field("VmHWM:")?, field("VmRSS:")?))
     }
 
-    /// SIGTERM and wait (a hung daemon is killed after 20 s).
+    /// `enforcer stop --unload --force` and wait (a hung daemon is killed
+    /// after 20 s, and what it pinned removed).
     pub fn stop(mut self) -> Result<()> {
         self.terminate()
     }
 
     fn terminate(&mut self) -> Result<()> {
+        let mut stop = self.enforcer(&["stop", "--unload", "--force", "--pin-dir", PIN_DIR]);
+        stop.stdout(Stdio::null());
+        let mut unload = move || stop.status();
         if self.child.try_wait()?.is_some() {
+            // Gone already: remove what it left pinned.
+            unload()?;
             return Ok(());
         }
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let stopped = unload()?;
+        ensure!(
+            stopped.success(),
+            "`enforcer stop --unload --force` failed ({stopped})"
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait()? {
@@ -207,7 +221,8 @@ impl<'a> Daemon<'a> {
         }
         self.child.kill()?;
         self.child.wait()?;
-        bail!("the enforcer daemon did not stop within 20 s of SIGTERM; killed")
+        unload()?;
+        bail!("the enforcer daemon did not stop within 20 s of `enforcer stop`; killed")
     }
 }
 
@@ -678,6 +693,8 @@ pub struct Loading {
     pub hwm_kib: Vec<u64>,
     pub rss_kib: Vec<u64>,
     pub session: Vec<Duration>,
+    /// `enforcer reload` of the same rules, with a session live.
+    pub reload: Vec<Duration>,
     pub check: Vec<Duration>,
 }
 
@@ -721,6 +738,17 @@ fn loading(tools: &Tools<'_>, settings: &Settings, net: &[NetRule]) -> Result<Lo
             "a session of the loaded profile failed ({status})"
         );
         loading.session.push(started.elapsed());
+        let started = Instant::now();
+        let out = daemon
+            .enforcer(&["reload"])
+            .output()
+            .context("running enforcer reload")?;
+        ensure!(
+            out.status.success(),
+            "enforcer reload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        loading.reload.push(started.elapsed());
         let (hwm, rss) = daemon.memory_kib()?;
         loading.hwm_kib.push(hwm);
         loading.rss_kib.push(rss);
