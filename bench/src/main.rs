@@ -15,6 +15,9 @@
 //!     denied operations from P processes; prints how many were attempted
 //! enforcer-bench mkpaths LIST
 //!     create the files and directories (ending in /) listed
+//! enforcer-bench dns SERVER NAME COUNT
+//!     COUNT UDP queries for NAME, one after another; prints the median and
+//!     99th percentile round trip and the queries per second
 //! ```
 
 use std::{
@@ -93,6 +96,13 @@ enum Cmd {
     /// Create every path listed in the file LIST (one a line; a trailing
     /// `/` makes a directory, otherwise an empty file), with their parents.
     Mkpaths { list: PathBuf },
+    /// COUNT A queries for NAME to SERVER (UDP, one after another, each
+    /// answer checked); prints `{"median_us", "p99_us", "qps"}`.
+    Dns {
+        server: SocketAddr,
+        name: String,
+        count: u32,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -141,6 +151,11 @@ fn run(cli: Cli) -> Result<()> {
             workers,
         } => turns(&request, batches, &workers),
         Cmd::Mkpaths { list } => mkpaths(&list),
+        Cmd::Dns {
+            server,
+            name,
+            count,
+        } => dns(server, &name, count),
     }
 }
 
@@ -530,4 +545,62 @@ mod landlock {
             other => bail!("Landlock is not enforcing: reading / gave {other:?}"),
         }
     }
+}
+
+fn dns(server: SocketAddr, name: &str, count: u32) -> Result<()> {
+    use hickory_proto::{
+        op::{Message, Query, ResponseCode},
+        rr::{Name, RecordType},
+    };
+    let local: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut query = Message::new();
+    query.set_recursion_desired(true).add_query(Query::query(
+        Name::from_ascii(name).context("query name")?,
+        RecordType::A,
+    ));
+    let mut buf = vec![0u8; 4096];
+    let mut rtts = Vec::with_capacity(count as usize);
+    let started = Instant::now();
+    for id in 0..count {
+        #[expect(clippy::cast_possible_truncation, reason = "ids wrap")]
+        query.set_id(id as u16);
+        let bytes = query.to_vec()?;
+        let sent = Instant::now();
+        socket.send_to(&bytes, server)?;
+        let len = socket
+            .recv(&mut buf)
+            .with_context(|| format!("query {id} for {name} to {server}"))?;
+        rtts.push(sent.elapsed().as_secs_f64() * 1e6);
+        let reply = Message::from_vec(&buf[..len])?;
+        ensure!(
+            reply.response_code() == ResponseCode::NoError && !reply.answers().is_empty(),
+            "query {id} for {name}: {} with {} answers",
+            reply.response_code(),
+            reply.answers().len()
+        );
+    }
+    let total = started.elapsed().as_secs_f64();
+    rtts.sort_by(f64::total_cmp);
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "an index into the sorted round trips"
+    )]
+    let p99 = rtts[((rtts.len() as f64 * 0.99) as usize).min(rtts.len() - 1)];
+    println!(
+        "{}",
+        serde_json::json!({
+            "median_us": median(&rtts),
+            "p99_us": p99,
+            "qps": f64::from(count) / total,
+        })
+    );
+    Ok(())
 }

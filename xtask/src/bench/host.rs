@@ -100,7 +100,12 @@ const READY_TIMEOUT: Duration = Duration::from_mins(3);
 impl<'a> Daemon<'a> {
     /// Starts a daemon on `rules` in `dir` and waits until it says it is
     /// ready; returns it and how long that took.
-    pub fn start(tools: &'a Tools<'a>, rules: &Path, dir: &Path) -> Result<(Daemon<'a>, Duration)> {
+    pub fn start(
+        tools: &'a Tools<'a>,
+        rules: &Path,
+        dir: &Path,
+        extra: &[&str],
+    ) -> Result<(Daemon<'a>, Duration)> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let socket = dir.join("control.sock");
         let log = dir.join("denials.jsonl");
@@ -119,6 +124,7 @@ impl<'a> Daemon<'a> {
             .arg("--log")
             .arg(&log)
             .args(["--pin-dir", PIN_DIR])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
@@ -368,6 +374,7 @@ pub struct HostResults {
     pub nft_load: Duration,
     pub flood: Flood,
     pub loading: Loading,
+    pub dns: DnsBench,
 }
 
 pub fn scenario_session(count: usize) -> String {
@@ -493,6 +500,7 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
     drop(cgroup);
     let flood = flood(tools, settings)?;
     let loading = loading(tools, settings, &all_rules)?;
+    let dns = dns(tools, settings)?;
     let [tcp, udp] = tables;
     Ok(HostResults {
         tcp,
@@ -500,6 +508,7 @@ pub fn run(tools: &Tools<'_>, settings: &Settings) -> Result<HostResults> {
         nft_load,
         flood,
         loading,
+        dns,
     })
 }
 
@@ -564,7 +573,8 @@ impl<'a> PhaseSetup<'a> {
                 }
             }
             Phase::Daemon => {
-                let (daemon, _) = Daemon::start(tools, self.rules_dir, &tools.work.join("daemon"))?;
+                let (daemon, _) =
+                    Daemon::start(tools, self.rules_dir, &tools.work.join("daemon"), &[])?;
                 let mut workers = Vec::new();
                 let mut pairs = Vec::new();
                 for &count in &self.settings.net_counts {
@@ -634,7 +644,7 @@ fn flood(tools: &Tools<'_>, settings: &Settings) -> Result<Flood> {
         "xtask bench: denied connects from {} processes for {} ms",
         settings.flood_procs, settings.flood_millis
     );
-    let (daemon, _) = Daemon::start(tools, &rules_dir, &tools.work.join("flood"))?;
+    let (daemon, _) = Daemon::start(tools, &rules_dir, &tools.work.join("flood"), &[])?;
     let started = Instant::now();
     let out = daemon
         .session("flood", &[], tools.bench)
@@ -724,7 +734,7 @@ fn loading(tools: &Tools<'_>, settings: &Settings, net: &[NetRule]) -> Result<Lo
             repeat + 1,
             settings.load_repeats
         );
-        let (daemon, ready) = Daemon::start(tools, &rules_dir, &tools.work.join("load"))?;
+        let (daemon, ready) = Daemon::start(tools, &rules_dir, &tools.work.join("load"), &[])?;
         loading.ready.push(ready);
         let started = Instant::now();
         let status = daemon
@@ -772,4 +782,107 @@ fn loading(tools: &Tools<'_>, settings: &Settings, net: &[NetRule]) -> Result<Lo
         loading.check.push(started.elapsed());
     }
     Ok(loading)
+}
+
+/// DNS queries through a session's proxy (steered there by the kernel from
+/// a resolver address that does not exist), and the same queries to the
+/// same upstream (Debian's dnsmasq) asked directly from outside any session,
+/// alternating round by round. Each round: `{median_us, p99_us, qps}`.
+#[derive(Default)]
+pub struct DnsBench {
+    pub queries: u32,
+    pub direct: Vec<Value>,
+    pub proxied: Vec<Value>,
+}
+
+const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+const DNS_NAME: &str = "api.allowed.bench";
+
+fn dns(tools: &Tools<'_>, settings: &Settings) -> Result<DnsBench> {
+    let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let upstream = format!("127.0.0.1:{port}");
+    let mut dnsmasq = Command::new(DNSMASQ)
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--user=root",
+            "--pid-file=",
+            "--local-ttl=300",
+            "--cache-size=1000",
+            &format!("--port={port}"),
+            "--address=/allowed.bench/127.0.0.77",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {DNSMASQ} (Debian's dnsmasq-base)"))?;
+    let result = (|| {
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&upstream).is_err() {
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "dnsmasq did not come up"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let rules_dir = tools.work.join("dns-rules");
+        fs::create_dir_all(&rules_dir)?;
+        fs::write(rules_dir.join("default.toml"), rules::EMPTY_DEFAULT)?;
+        fs::write(
+            rules_dir.join("dns.toml"),
+            "name = \"dns\"\n[network]\ndeny = [\"*.denied.bench\"]\n",
+        )?;
+        let (daemon, _) = Daemon::start(
+            tools,
+            &rules_dir,
+            &tools.work.join("dns"),
+            &["--resolver", &upstream],
+        )?;
+        let count = settings.dns_queries.to_string();
+        let mut bench = DnsBench {
+            queries: settings.dns_queries,
+            ..DnsBench::default()
+        };
+        println!(
+            "xtask bench: DNS, {} rounds of {count} queries, direct and through the proxy",
+            settings.dns_rounds
+        );
+        for _ in 0..settings.dns_rounds {
+            let direct = Command::new(tools.bench)
+                .args(["dns", &upstream, DNS_NAME, &count])
+                .output()
+                .context("querying dnsmasq directly")?;
+            ensure!(
+                direct.status.success(),
+                "{}",
+                String::from_utf8_lossy(&direct.stderr)
+            );
+            bench
+                .direct
+                .push(last_json(&String::from_utf8_lossy(&direct.stdout))?);
+            let proxied = daemon
+                .session("dns", &[], tools.bench)
+                .args(["dns", "10.255.0.53:53", DNS_NAME, &count])
+                .stdin(Stdio::null())
+                .output()
+                .context("querying through the session's proxy")?;
+            ensure!(
+                proxied.status.success(),
+                "{}",
+                String::from_utf8_lossy(&proxied.stderr)
+            );
+            bench
+                .proxied
+                .push(last_json(&String::from_utf8_lossy(&proxied.stdout))?);
+        }
+        daemon.stop()?;
+        Ok(bench)
+    })();
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+    result
 }
