@@ -251,12 +251,9 @@ fn processes_outside_the_session_are_unaffected() {
     sb.profile("denylist", DENY_LIST);
     let (_l, addr) = listen("127.0.0.2:0");
     let mut agent = sb.spawn("denylist", &["sleep", "3"]);
-    // Wait until the session is live (its programs are attached).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !session_is_live() {
-        assert!(Instant::now() < deadline, "the session never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // Wait until the session is live (its programs are attached); under
+    // the VM's emulation, loading the programs takes a while.
+    integration_tests::wait_for("the session", session_is_live);
     TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .expect("outside the session, the denied address is reachable");
     assert!(agent.0.wait().unwrap().success());
