@@ -1685,22 +1685,32 @@ fn warn_unresolved(profile: &Profile, resolutions: &BTreeMap<String, Resolution>
     }
     if !missing.is_empty() {
         tracing::warn!(
-            "profile {}: {} host name(s) do not exist (no such host); their rules apply if they appear: {}",
+            "profile {}: {} host name(s) do not exist (no such host); their rules apply if they \
+             appear: {} (`enforcer status` lists them all)",
             profile.name,
             missing.len(),
-            missing.join(", ")
+            some_of(&missing)
         );
     }
     for (why, names) in failed {
         tracing::warn!(
             "profile {}: {} host name(s) could not be resolved ({why}); retrying every {} s, their \
-             rules apply once they resolve: {}",
+             rules apply once they resolve: {} (`enforcer status` lists them all)",
             profile.name,
             names.len(),
             crate::resolve::RETRY_AFTER_FAILURE.as_secs(),
-            names.join(", ")
+            some_of(&names)
         );
     }
+}
+
+/// The first few names, and how many more there are.
+fn some_of(names: &[&str]) -> String {
+    const SHOWN: usize = 5;
+    if names.len() <= SHOWN {
+        return names.join(", ");
+    }
+    format!("{}, and {} more", names[..SHOWN].join(", "), names.len() - SHOWN)
 }
 
 /// Instances whose controller died leave cgroups behind. Empty ones are
