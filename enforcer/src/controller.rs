@@ -240,6 +240,12 @@ pub fn unload_orphaned(persist: &Persist, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Events moved into the log per hold of the state lock.
+const DRAIN_BATCH: usize = 1024;
+/// Batches a synchronous `drain_events` moves at most (the event reader
+/// takes the rest).
+const DRAIN_BATCHES: usize = 256;
+
 /// The root of every enforcer instance cgroup.
 pub fn enforcer_root(hierarchy: &Hierarchy) -> PathBuf {
     hierarchy.mount.join("enforcer")
@@ -648,8 +654,20 @@ impl Controller {
         cgroup::remove_tree(&state.instance_dir)
     }
 
-    /// Move every event the kernel has queued into the log, now.
+    /// Move the events the kernel has queued into the log, now: batch by
+    /// batch, so other users of the state get their turn between batches
+    /// (and, under a flood that never lets the buffer empty, up to a bound).
     pub fn drain_events(&self) {
+        for _ in 0..DRAIN_BATCHES {
+            if !self.drain_batch() {
+                return;
+            }
+        }
+    }
+
+    /// Move up to `DRAIN_BATCH` events into the log; whether more may be
+    /// queued.
+    fn drain_batch(&self) -> bool {
         let mut ring = self
             .events
             .lock()
@@ -657,7 +675,10 @@ impl Controller {
         let mut state = self.state();
         let clock = Clock::now();
         let mounts = Mounts::read();
-        while let Some(item) = ring.next() {
+        for _ in 0..DRAIN_BATCH {
+            let Some(item) = ring.next() else {
+                return false;
+            };
             let record = match event_kind(&item) {
                 Some(EVENT_NET) if item.len() >= size_of::<NetEvent>() => {
                     // SAFETY: the kernel wrote a whole NetEvent (length
@@ -687,6 +708,7 @@ impl Controller {
             }
             drop(item);
         }
+        true
     }
 
     fn spawn_event_reader(&self) -> Result<()> {
@@ -707,7 +729,12 @@ impl Controller {
             loop {
                 match readiness.readable().await {
                     Ok(mut guard) => {
-                        controller.drain_events();
+                        // Yield between batches: a flood of events must
+                        // not starve sessions, reloads or DNS answers of
+                        // the state lock.
+                        while controller.drain_batch() {
+                            tokio::task::yield_now().await;
+                        }
                         guard.clear_ready();
                     }
                     Err(e) => {
