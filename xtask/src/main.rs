@@ -552,12 +552,16 @@ mod tests {
                 probe: Some("/t/debug/probe".into()),
             }
         );
-        assert!(built.missing_targets(&VM_TEST_TARGETS).is_empty());
+        assert!(built.missing_targets(&["files", "egress"]).is_empty());
+        assert_eq!(
+            built.missing_targets(&VM_TEST_TARGETS),
+            ["dns", "reload", "persist"]
+        );
 
         let without_files: Vec<&str> = json.lines().filter(|l| !l.contains("files")).collect();
         let built = parse_test_build(&without_files.join("\n")).unwrap();
         assert_eq!(built.tests.len(), 1);
-        assert_eq!(built.missing_targets(&VM_TEST_TARGETS), ["files"]);
+        assert_eq!(built.missing_targets(&["files", "egress"]), ["files"]);
         assert!(built.missing_targets(&["egress"]).is_empty());
     }
 
