@@ -17,13 +17,14 @@ use enforcer_common::{
 };
 
 use crate::{
+    guard,
     maps::{EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit},
     session::{self, Lookup},
 };
 
 /// Set by the controller from the running kernel's BTF.
 #[unsafe(no_mangle)]
-static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     file_f_inode: 0,
     file_f_path_dentry: 0,
     file_f_mode: 0,
@@ -34,6 +35,18 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     dentry_d_name_name: 0,
     dentry_d_name_len: 0,
     dentry_d_inode: 0,
+    super_block_s_magic: 0,
+    task_tgid: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    cgroup_level: 0,
+    cgroup_self_parent: 0,
+    css_cgroup: 0,
+    kernfs_node_id: 0,
+    unix_sock_path_dentry: 0,
+    socket_sk: 0,
+    vfsmount_mnt_sb: 0,
 };
 
 const ALLOW: i32 = 0;
@@ -44,15 +57,24 @@ const SCOPE_BITS: u32 = 32;
 
 /// Read a `T` at `base + offset` in kernel memory.
 #[inline(always)]
-fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
+pub(crate) fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
 }
 
 /// `file_open(file)`: any open, read or write, however it was reached.
+/// Writing a cgroup file is a guard's business (leaving the session).
 pub fn judge_open(ctx: &LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
-    judge(ctx.arg(1), |o| {
+    let previous: i32 = ctx.arg(1);
+    if previous != 0 {
+        return previous;
+    }
+    let verdict = guard::cgroup_write(file);
+    if verdict != ALLOW {
+        return verdict;
+    }
+    judge(0, |o| {
         Ok(Object {
             dentry: read(file, o.file_f_path_dentry)?,
             inode: read(file, o.file_f_inode)?,
@@ -74,7 +96,15 @@ pub fn judge_link(ctx: &LsmContext) -> i32 {
 pub fn judge_rename(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(1);
     let new: *const u8 = ctx.arg(3);
-    let verdict = judge(ctx.arg(4), |o| dentry_object(old, ACCESS_RENAME, o));
+    let previous: i32 = ctx.arg(4);
+    if previous != 0 {
+        return previous;
+    }
+    let verdict = guard::rename(ctx.arg(0), old, ctx.arg(2));
+    if verdict != ALLOW {
+        return verdict;
+    }
+    let verdict = judge(0, |o| dentry_object(old, ACCESS_RENAME, o));
     if verdict != ALLOW {
         return verdict;
     }

@@ -39,6 +39,11 @@ pub static NAME_PREFIX: LpmTrie<NameKey, NameRule> =
 pub static NAME_SUFFIX: LpmTrie<NameKey, NameRule> =
     LpmTrie::with_max_entries(1 << 16, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// (profile, device, inode) of a Unix socket file whose service acts
+/// outside the session -> an index the controller names it by.
+#[map]
+pub static PROTECTED_SOCKETS: HashMap<InodeKey, u32> = HashMap::with_max_entries(4096, 0);
+
 /// Per-CPU room for the opened file's name keys (too big for the stack).
 #[map]
 pub static NAME_SCRATCH: PerCpuArray<crate::file::NameScratch> =

@@ -25,10 +25,27 @@ use ipnet::IpNet;
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
-/// The LSM programs that guard protected files, named after their hooks:
-/// opening them, and renaming or hard-linking them (which would otherwise
-/// move a file out of a protected directory).
-pub const FILE_PROGRAMS: [&str; 3] = ["file_open", "inode_rename", "inode_link"];
+/// The BPF-LSM programs and their hooks, loaded and attached together:
+/// those that guard
+/// protected files, named after their hooks (opening them, and renaming or
+/// hard-linking them, which would otherwise move a file out of a protected
+/// directory), then the guards that keep a session from switching the
+/// enforcer off (`enforcer-ebpf/src/guard.rs`).
+pub const LSM_PROGRAMS: [(&str, &str); 13] = [
+    ("file_open", "file_open"),
+    ("inode_rename", "inode_rename"),
+    ("inode_link", "inode_link"),
+    ("guard_bpf", "bpf"),
+    ("guard_ptrace", "ptrace_access_check"),
+    ("guard_signal", "task_kill"),
+    ("guard_clone", "task_alloc"),
+    ("guard_socket_create", "socket_create"),
+    ("guard_unix_connect", "unix_stream_connect"),
+    ("guard_unix_send", "unix_may_send"),
+    ("guard_unlink", "inode_unlink"),
+    ("guard_rmdir", "inode_rmdir"),
+    ("guard_umount", "sb_umount"),
+];
 
 /// Entries of `FILE_INODES` (files and directories named by file rules,
 /// over all live file policies).
@@ -107,7 +124,7 @@ pub const PIN_VERSION: u32 = 1;
 /// Every map the programs share, pinned by name so a restarted controller
 /// (or a new version with the same layout) keeps the rules, sessions,
 /// queued events and counters.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     maps::SESSIONS,
     maps::NET_RULES_V4,
     maps::NET_RULES_V6,
@@ -119,6 +136,7 @@ const PINNED_MAPS: [&str; 11] = [
     maps::EVENTS,
     maps::COUNTERS,
     maps::RULE_HITS,
+    maps::PROTECTED_SOCKETS,
 ];
 
 /// Where the daemon pins what must outlive it, in the BPF filesystem:
@@ -237,6 +255,7 @@ pub struct Kernel {
     rules_v6: LpmTrie<MapData, V6Key, RuleList>,
     counters: PerCpuArray<MapData, u64>,
     rule_hits: PerCpuArray<MapData, u64>,
+    sockets: HashMap<MapData, InodeKey, u32>,
     inodes: HashMap<MapData, InodeKey, InodeRule>,
     name_prefix: LpmTrie<MapData, NameKey, NameRule>,
     name_suffix: LpmTrie<MapData, NameKey, NameRule>,
@@ -324,6 +343,7 @@ impl Kernel {
             rules_v6: take_map(&mut ebpf, maps::NET_RULES_V6)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             rule_hits: take_map(&mut ebpf, maps::RULE_HITS)?,
+            sockets: take_map(&mut ebpf, maps::PROTECTED_SOCKETS)?,
             ebpf,
         })
     }
@@ -577,6 +597,22 @@ impl Kernel {
         Ok(())
     }
 
+    /// Protect (or, with `None`, stop protecting) a Unix socket file for
+    /// the sessions of a profile; `key.policy` is the profile id.
+    pub fn set_protected_socket(&mut self, key: InodeKey, index: Option<u32>) -> Result<()> {
+        let result = match index {
+            Some(index) => self.sockets.insert(key, index, 0),
+            None => match self.sockets.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        result.map_err(|source| KernelError::MapUpdate {
+            name: maps::PROTECTED_SOCKETS,
+            source,
+        })
+    }
+
     pub fn set_inode(&mut self, key: InodeKey, rule: InodeRule) -> Result<()> {
         self.inodes
             .insert(key, rule, 0)
@@ -641,9 +677,9 @@ fn load_file_programs(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
     let btf = Btf::from_sys_fs().map_err(|e| {
         format!("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: {e}; the kernel needs CONFIG_DEBUG_INFO_BTF=y")
     })?;
-    for name in FILE_PROGRAMS {
+    for (name, hook) in LSM_PROGRAMS {
         lsm_program(ebpf, name)?
-            .load(name, &btf)
+            .load(hook, &btf)
             .map_err(|e| lsm_refused(name, "load", &error_chain(&e), active.as_deref()))?;
     }
     Ok(())
@@ -656,7 +692,7 @@ fn attach_file_programs(
     pin_dir: Option<&Path>,
 ) -> std::result::Result<Vec<FdLink>, String> {
     let mut links = Vec::new();
-    for name in FILE_PROGRAMS {
+    for (name, _) in LSM_PROGRAMS {
         let program = lsm_program(ebpf, name)?;
         let link = program
             .attach()
@@ -678,7 +714,7 @@ fn lsm_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> std::result::Result<&'a mu
 fn lsm_refused(name: &str, what: &str, error: &str, active: Option<&str>) -> String {
     format!(
         "the kernel refused to {what} the BPF LSM program `{name}` ({error}){}: file rules \
-         need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
+         and the session guards need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
         match active {
             Some(list) => format!("; the LSM list is `{list}`"),
             None => String::new(),
