@@ -22,13 +22,20 @@ pub const GUARD_LOCAL_SOCKET: u32 = 32;
 /// Removing or unmounting the enforcer's pins in the BPF filesystem, or
 /// unmounting a cgroup filesystem. Never re-allowed.
 pub const GUARD_PINS: u32 = 64;
+/// Writing, creating, removing, renaming or linking the enforcer's own
+/// files: its binary, the rules directory and its files, the denial log.
+/// Never re-allowed.
+pub const GUARD_ENFORCER_FILES: u32 = 128;
+
+/// Guards no profile can re-allow.
+pub const GUARDS_ALWAYS: u32 = GUARD_PINS | GUARD_ENFORCER_FILES;
 
 /// A guard re-allowed by the profile has its bit set, shifted by this, in
 /// `Session.flags`.
 pub const SESSION_GUARD_ALLOW_SHIFT: u32 = 8;
 
 /// Every guard, with its name in profiles and in the denial log.
-pub const GUARDS: [(u32, &str); 7] = [
+pub const GUARDS: [(u32, &str); 8] = [
     (GUARD_BPF, "bpf"),
     (GUARD_PTRACE, "ptrace"),
     (GUARD_SIGNAL, "signal"),
@@ -36,6 +43,7 @@ pub const GUARDS: [(u32, &str); 7] = [
     (GUARD_RAW_SOCKET, "raw-socket"),
     (GUARD_LOCAL_SOCKET, "local-socket"),
     (GUARD_PINS, "pins"),
+    (GUARD_ENFORCER_FILES, "enforcer-files"),
 ];
 
 pub const EVENT_GUARD: u32 = 3;

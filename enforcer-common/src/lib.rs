@@ -32,6 +32,7 @@ pub mod maps {
     pub const NAME_PREFIX: &str = "NAME_PREFIX";
     pub const NAME_SUFFIX: &str = "NAME_SUFFIX";
     pub const PROTECTED_SOCKETS: &str = "PROTECTED_SOCKETS";
+    pub const ENFORCER_FILES: &str = "ENFORCER_FILES";
 }
 
 /// Names of the read-only globals the controller sets at load time.

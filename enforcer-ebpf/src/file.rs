@@ -67,14 +67,14 @@ pub(crate) fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
 pub fn judge_open(ctx: &LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
     let previous: i32 = ctx.arg(1);
-    if previous != 0 {
+    let Some(lookup) = in_session(previous) else {
         return previous;
-    }
-    let verdict = guard::cgroup_write(file);
+    };
+    let verdict = guard::open_for_write(lookup, file);
     if verdict != ALLOW {
         return verdict;
     }
-    judge(0, |o| {
+    judge(lookup, |o| {
         Ok(Object {
             dentry: read(file, o.file_f_path_dentry)?,
             inode: read(file, o.file_f_inode)?,
@@ -87,7 +87,15 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
 /// file would let it be opened outside a protected directory.
 pub fn judge_link(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(0);
-    judge(ctx.arg(3), |o| dentry_object(old, ACCESS_LINK, o))
+    let previous: i32 = ctx.arg(3);
+    let Some(lookup) = in_session(previous) else {
+        return previous;
+    };
+    let verdict = guard::link(lookup, ctx.arg(1), ctx.arg(2));
+    if verdict != ALLOW {
+        return verdict;
+    }
+    judge(lookup, |o| dentry_object(old, ACCESS_LINK, o))
 }
 
 /// `inode_rename(old_dir, old_dentry, new_dir, new_dentry)`: moving a
@@ -97,18 +105,18 @@ pub fn judge_rename(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(1);
     let new: *const u8 = ctx.arg(3);
     let previous: i32 = ctx.arg(4);
-    if previous != 0 {
+    let Some(lookup) = in_session(previous) else {
         return previous;
-    }
-    let verdict = guard::rename(ctx.arg(0), old, ctx.arg(2));
+    };
+    let verdict = guard::rename(lookup, ctx.arg(0), old, ctx.arg(2), new);
     if verdict != ALLOW {
         return verdict;
     }
-    let verdict = judge(0, |o| dentry_object(old, ACCESS_RENAME, o));
+    let verdict = judge(lookup, |o| dentry_object(old, ACCESS_RENAME, o));
     if verdict != ALLOW {
         return verdict;
     }
-    judge(0, |o| {
+    judge(lookup, |o| {
         let inode: *const u8 = read(new, o.dentry_d_inode)?;
         // A new name (no inode yet) protects nothing.
         if inode.is_null() {
@@ -153,15 +161,25 @@ fn dentry_object(dentry: *const u8, access: u32, o: &KernelOffsets) -> Result<Ob
     })
 }
 
-/// The part every file hook shares: is the task in a session with file
-/// rules, what do they say about the object, report and count.
+/// The current task's session, unless an earlier LSM program already
+/// refused (`previous`) or the task is in none: then the hook returns
+/// `previous` at once, for one helper call.
 #[inline(always)]
-fn judge(previous: i32, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
-    // An earlier LSM program already decided.
+fn in_session(previous: i32) -> Option<Lookup> {
     if previous != 0 {
-        return previous;
+        return None;
     }
-    let (session_cgroup, session) = match session::current() {
+    match session::current() {
+        Lookup::Outside => None,
+        lookup => Some(lookup),
+    }
+}
+
+/// The part every file hook shares: does the session have file rules,
+/// what do they say about the object, report and count.
+#[inline(always)]
+fn judge(lookup: Lookup, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
+    let (session_cgroup, session) = match lookup {
         Lookup::Outside => return ALLOW,
         Lookup::Inside(cgroup, session) => (cgroup, session),
         Lookup::Unknown(_) => {

@@ -7,19 +7,19 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        bpf_probe_read_kernel_str_bytes, generated::bpf_ktime_get_boot_ns,
+        generated::{bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str},
     },
     programs::LsmContext,
 };
 use enforcer_common::{
-    Counter, DETAIL_CLONE_INTO_CGROUP, EVENT_GUARD, GUARD_BPF, GUARD_CGROUP, GUARD_LOCAL_SOCKET,
-    GUARD_PINS, GUARD_PTRACE, GUARD_RAW_SOCKET, GUARD_SIGNAL, GuardEvent, InodeKey, KernelOffsets,
-    VERDICT_AUDIT, VERDICT_DENY,
+    Counter, DETAIL_CLONE_INTO_CGROUP, EVENT_GUARD, GUARD_BPF, GUARD_CGROUP, GUARD_ENFORCER_FILES,
+    GUARD_LOCAL_SOCKET, GUARD_PINS, GUARD_PTRACE, GUARD_RAW_SOCKET, GUARD_SIGNAL, GUARDS_ALWAYS,
+    GuardEvent, InodeKey, KernelOffsets, VERDICT_AUDIT, VERDICT_DENY,
 };
 
 use crate::{
     file::{KERNEL_OFFSETS, read},
-    maps::{EVENTS, PROTECTED_SOCKETS, count},
+    maps::{ENFORCER_FILES, EVENTS, PROTECTED_SOCKETS, count},
     session::{self, INSTANCE_CGROUP_LEVEL, Lookup},
 };
 
@@ -114,9 +114,11 @@ pub fn clone(ctx: &LsmContext) -> i32 {
 }
 
 /// From `file_open`: opening a cgroup file for writing is how a task moves
-/// (`cgroup.procs`, `cgroup.threads`) or changes its limits.
+/// (`cgroup.procs`, `cgroup.threads`) or changes its limits; writing one of
+/// the enforcer's files, or a file in its rules directory, changes the
+/// enforcer.
 #[inline(always)]
-pub fn cgroup_write(file: *const u8) -> i32 {
+pub fn open_for_write(lookup: Lookup, file: *const u8) -> i32 {
     let o = offsets();
     let Ok(mode) = read::<u32>(file, o.file_f_mode) else {
         return ALLOW;
@@ -125,15 +127,24 @@ pub fn cgroup_write(file: *const u8) -> i32 {
         return ALLOW;
     }
     let inode: *const u8 = read(file, o.file_f_inode).unwrap_or(core::ptr::null());
+    let dentry: *const u8 = read(file, o.file_f_path_dentry).unwrap_or(core::ptr::null());
     let magic = magic_of_inode(inode, &o);
-    if magic != CGROUP2_SUPER_MAGIC && magic != CGROUP_SUPER_MAGIC {
-        return ALLOW;
-    }
-    refuse(
-        GUARD_CGROUP,
+    let guard = if magic == CGROUP2_SUPER_MAGIC || magic == CGROUP_SUPER_MAGIC {
+        GUARD_CGROUP
+    } else {
+        let parent: *const u8 = read(dentry, o.dentry_d_parent).unwrap_or(core::ptr::null());
+        let parent_inode: *const u8 = read(parent, o.dentry_d_inode).unwrap_or(core::ptr::null());
+        if !is_enforcer_file(inode, &o) && !is_enforcer_file(parent_inode, &o) {
+            return ALLOW;
+        }
+        GUARD_ENFORCER_FILES
+    };
+    refuse_for(
+        lookup,
+        guard,
         &Detail {
             code: mode & 3,
-            dentry: read(file, o.file_f_path_dentry).unwrap_or(core::ptr::null()),
+            dentry,
             ..Detail::default()
         },
     )
@@ -173,23 +184,107 @@ pub fn unix_may_send(ctx: &LsmContext) -> i32 {
     judge_unix_peer(sk)
 }
 
-/// `inode_unlink(dir, dentry)` and `inode_rmdir(dir, dentry)`: removing a
-/// pin drops the link or map it holds when no process holds it.
-pub fn unlink(ctx: &LsmContext) -> i32 {
-    let dir: *const u8 = ctx.arg(0);
-    let dentry: *const u8 = ctx.arg(1);
-    judge_bpffs_dir(dir, dentry)
+/// `inode_unlink`, `inode_rmdir`, `inode_create`, `inode_mkdir`,
+/// `inode_mknod`, `inode_symlink` (`dir, dentry, ...`): a change to the
+/// entry `dentry` in the directory `dir`.
+pub fn change_in_dir(ctx: &LsmContext) -> i32 {
+    match session::current() {
+        Lookup::Outside => ALLOW,
+        lookup => refuse_change(
+            lookup,
+            ctx.arg(0),
+            ctx.arg(1),
+            core::ptr::null(),
+            core::ptr::null(),
+        ),
+    }
 }
 
-/// From `inode_rename`: renaming in the BPF filesystem (a pin out of the
-/// enforcer's directory, or over one).
+/// From `inode_rename`: moving an entry out of one directory and into
+/// another (over what was there).
 #[inline(always)]
-pub fn rename(old_dir: *const u8, old_dentry: *const u8, new_dir: *const u8) -> i32 {
-    let verdict = judge_bpffs_dir(old_dir, old_dentry);
-    if verdict != ALLOW {
-        return verdict;
+pub fn rename(
+    lookup: Lookup,
+    old_dir: *const u8,
+    old_dentry: *const u8,
+    new_dir: *const u8,
+    new_dentry: *const u8,
+) -> i32 {
+    refuse_change(lookup, old_dir, old_dentry, new_dir, new_dentry)
+}
+
+/// From `inode_link(old_dentry, dir, new_dentry)`: a new name in `dir`.
+#[inline(always)]
+pub fn link(lookup: Lookup, dir: *const u8, new_dentry: *const u8) -> i32 {
+    refuse_change(
+        lookup,
+        dir,
+        new_dentry,
+        core::ptr::null(),
+        core::ptr::null(),
+    )
+}
+
+/// Refuses changing the entry `dentry` of `dir`, or `other_dentry` of
+/// `other_dir` (null for none), where `entry_guard` says so. One report
+/// site, so the verifier walks it once.
+#[inline(always)]
+fn refuse_change(
+    lookup: Lookup,
+    dir: *const u8,
+    dentry: *const u8,
+    other_dir: *const u8,
+    other_dentry: *const u8,
+) -> i32 {
+    let o = offsets();
+    let (guard, dentry) = match entry_guard(dir, dentry, &o) {
+        Some(guard) => (guard, dentry),
+        None => match entry_guard(other_dir, other_dentry, &o) {
+            Some(guard) => (guard, other_dentry),
+            None => return ALLOW,
+        },
+    };
+    refuse_for(
+        lookup,
+        guard,
+        &Detail {
+            dentry,
+            ..Detail::default()
+        },
+    )
+}
+
+/// The guard that refuses changing the entry `dentry` of the directory
+/// `dir`, if any: anything in the BPF filesystem (removing a pin drops the
+/// link or map it holds when no process holds it), or the enforcer's files
+/// and the entries of its directories.
+#[inline(always)]
+fn entry_guard(dir: *const u8, dentry: *const u8, o: &KernelOffsets) -> Option<u32> {
+    if dir.is_null() {
+        return None;
     }
-    judge_bpffs_dir(new_dir, old_dentry)
+    if magic_of_inode(dir, o) == BPF_FS_MAGIC {
+        return Some(GUARD_PINS);
+    }
+    // A new entry has no inode yet.
+    let inode: *const u8 = read(dentry, o.dentry_d_inode).unwrap_or(core::ptr::null());
+    (is_enforcer_file(dir, o) || is_enforcer_file(inode, o)).then_some(GUARD_ENFORCER_FILES)
+}
+
+/// Whether `inode` (possibly null) is one of the enforcer's files.
+#[inline(always)]
+fn is_enforcer_file(inode: *const u8, o: &KernelOffsets) -> bool {
+    if inode.is_null() {
+        return false;
+    }
+    let sb: *const u8 = read(inode, o.inode_i_sb).unwrap_or(core::ptr::null());
+    let key = InodeKey {
+        policy: 0,
+        dev: read(sb, o.super_block_s_dev).unwrap_or(0),
+        ino: read(inode, o.inode_i_ino).unwrap_or(0),
+    };
+    // SAFETY: only the presence of the key is used.
+    unsafe { ENFORCER_FILES.get(key) }.is_some()
 }
 
 /// `sb_umount(mnt, flags)`: unmounting the BPF filesystem drops every pin
@@ -203,20 +298,6 @@ pub fn umount(ctx: &LsmContext) -> i32 {
         return ALLOW;
     }
     refuse(GUARD_PINS, &Detail::default())
-}
-
-#[inline(always)]
-fn judge_bpffs_dir(dir: *const u8, dentry: *const u8) -> i32 {
-    if magic_of_inode(dir, &offsets()) != BPF_FS_MAGIC {
-        return ALLOW;
-    }
-    refuse(
-        GUARD_PINS,
-        &Detail {
-            dentry,
-            ..Detail::default()
-        },
-    )
 }
 
 #[inline(always)]
@@ -334,7 +415,7 @@ fn refuse_for(lookup: Lookup, guard: u32, detail: &Detail) -> i32 {
     let (session_cgroup, profile_id, audit) = match lookup {
         Lookup::Outside => return ALLOW,
         Lookup::Inside(cgroup, session) => {
-            if guard != GUARD_PINS && session.guard_allowed(guard) {
+            if guard & GUARDS_ALWAYS == 0 && session.guard_allowed(guard) {
                 return ALLOW;
             }
             (cgroup, session.profile_id, session.audit())
@@ -382,7 +463,9 @@ fn report(guard: u32, detail: &Detail, session_cgroup: u64, profile_id: u32, aud
         if !detail.dentry.is_null() {
             let name: *const u8 =
                 read(detail.dentry, o.dentry_d_name_name).unwrap_or(core::ptr::null());
-            let _ = bpf_probe_read_kernel_str_bytes(name, &mut (*event).name);
+            // The raw helper: its `_bytes` wrapper loops over the result,
+            // which multiplies the verifier's work at every report site.
+            let _ = bpf_probe_read_kernel_str((&raw mut (*event).name).cast(), 48, name.cast());
         }
     }
     entry.submit(0);

@@ -107,12 +107,32 @@ pub fn guard_unix_send(ctx: LsmContext) -> i32 {
 
 #[lsm(hook = "inode_unlink")]
 pub fn guard_unlink(ctx: LsmContext) -> i32 {
-    guard::unlink(&ctx)
+    guard::change_in_dir(&ctx)
 }
 
 #[lsm(hook = "inode_rmdir")]
 pub fn guard_rmdir(ctx: LsmContext) -> i32 {
-    guard::unlink(&ctx)
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_create")]
+pub fn guard_create(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_mkdir")]
+pub fn guard_mkdir(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_mknod")]
+pub fn guard_mknod(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_symlink")]
+pub fn guard_symlink(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
 }
 
 #[lsm(hook = "sb_umount")]

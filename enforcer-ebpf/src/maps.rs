@@ -44,6 +44,12 @@ pub static NAME_SUFFIX: LpmTrie<NameKey, NameRule> =
 #[map]
 pub static PROTECTED_SOCKETS: HashMap<InodeKey, u32> = HashMap::with_max_entries(4096, 0);
 
+/// (0, device, inode) of the enforcer's own files and directories (its
+/// binary, the rules directory, the denial log), which no session may
+/// change.
+#[map]
+pub static ENFORCER_FILES: HashMap<InodeKey, u32> = HashMap::with_max_entries(64, 0);
+
 /// Per-CPU room for the opened file's name keys (too big for the stack).
 #[map]
 pub static NAME_SCRATCH: PerCpuArray<crate::file::NameScratch> =

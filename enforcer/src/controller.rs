@@ -16,10 +16,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::{
     ACCESS_LINK, ACCESS_RENAME, Counter, DETAIL_CLONE_INTO_CGROUP, EVENT_FILE, EVENT_GUARD,
-    EVENT_NET, FileEvent, GUARD_BPF, GUARD_CGROUP, GUARD_LOCAL_SOCKET, GUARD_PINS, GUARD_PTRACE,
-    GUARD_RAW_SOCKET, GUARD_SIGNAL, GuardEvent, InodeKey, NO_RULE, NameRule, NetEvent, OP_CONNECT,
-    PROTO_TCP, PROTO_UDP, RuleList, SESSION_AUDIT, SESSION_DEFAULT_DENY, SESSION_GUARD_ALLOW_SHIFT,
-    Session, VERDICT_AUDIT,
+    EVENT_NET, FileEvent, GUARD_BPF, GUARD_CGROUP, GUARD_LOCAL_SOCKET, GUARD_PTRACE,
+    GUARD_RAW_SOCKET, GUARD_SIGNAL, GUARDS_ALWAYS, GuardEvent, InodeKey, NO_RULE, NameRule,
+    NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, RuleList, SESSION_AUDIT, SESSION_DEFAULT_DENY,
+    SESSION_GUARD_ALLOW_SHIFT, Session, VERDICT_AUDIT,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -345,6 +345,7 @@ impl Controller {
             warn_unresolved(&state.profiles.profiles[name], &answers);
         }
         state.install_all(&wanted, &first_ids, &answers)?;
+        state.protect_enforcer_files()?;
 
         let controller = Controller {
             state: Arc::new(Mutex::new(state)),
@@ -898,7 +899,9 @@ impl Controller {
     /// Reopen the denial log (after logrotate moved it away).
     pub fn reopen_log(&self) -> Result<()> {
         self.drain_events();
-        self.state().log.reopen()
+        let mut state = self.state();
+        state.log.reopen()?;
+        state.protect_enforcer_files()
     }
 
     /// Drop learned addresses whose answers have expired.
@@ -1361,6 +1364,18 @@ impl State {
         Some((installed.id, flags))
     }
 
+    /// Put the enforcer's own files out of the sessions' reach: this binary,
+    /// the rules directory (and so its entries) and the denial log as it is
+    /// now (a reopened log is a new file).
+    fn protect_enforcer_files(&mut self) -> Result<()> {
+        let binary = std::env::current_exe().context("finding the enforcer's own binary")?;
+        let files: Vec<(u32, u64)> = [binary.as_path(), &self.rules_dir, self.log.path()]
+            .into_iter()
+            .filter_map(stat_identity)
+            .collect();
+        Ok(self.kernel.set_enforcer_files(&files)?)
+    }
+
     /// Bring the profile's `PROTECTED_SOCKETS` entries in line with the
     /// sockets that exist now, new ones first.
     fn protect_sockets(&mut self, name: &str) -> Result<()> {
@@ -1605,8 +1620,8 @@ impl State {
             _ => (name, String::new()),
         };
         let profile = session.map(|s| s.grant.profile.clone());
-        let rule_text = if event.guard == GUARD_PINS {
-            "guard `pins`: enforcement cannot be removed from a session".to_owned()
+        let rule_text = if event.guard & GUARDS_ALWAYS != 0 {
+            format!("guard `{guard}`: a session can never change the enforcer")
         } else {
             format!("guard `{guard}` (a profile may re-allow it: [guard] allow = [\"{guard}\"])")
         };

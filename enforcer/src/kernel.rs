@@ -31,7 +31,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/en
 /// hard-linking them, which would otherwise move a file out of a protected
 /// directory), then the guards that keep a session from switching the
 /// enforcer off (`enforcer-ebpf/src/guard.rs`).
-pub const LSM_PROGRAMS: [(&str, &str); 13] = [
+pub const LSM_PROGRAMS: [(&str, &str); 17] = [
     ("file_open", "file_open"),
     ("inode_rename", "inode_rename"),
     ("inode_link", "inode_link"),
@@ -44,6 +44,10 @@ pub const LSM_PROGRAMS: [(&str, &str); 13] = [
     ("guard_unix_send", "unix_may_send"),
     ("guard_unlink", "inode_unlink"),
     ("guard_rmdir", "inode_rmdir"),
+    ("guard_create", "inode_create"),
+    ("guard_mkdir", "inode_mkdir"),
+    ("guard_mknod", "inode_mknod"),
+    ("guard_symlink", "inode_symlink"),
     ("guard_umount", "sb_umount"),
 ];
 
@@ -124,7 +128,7 @@ pub const PIN_VERSION: u32 = 1;
 /// Every map the programs share, pinned by name so a restarted controller
 /// (or a new version with the same layout) keeps the rules, sessions,
 /// queued events and counters.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 13] = [
     maps::SESSIONS,
     maps::NET_RULES_V4,
     maps::NET_RULES_V6,
@@ -137,6 +141,7 @@ const PINNED_MAPS: [&str; 12] = [
     maps::COUNTERS,
     maps::RULE_HITS,
     maps::PROTECTED_SOCKETS,
+    maps::ENFORCER_FILES,
 ];
 
 /// Where the daemon pins what must outlive it, in the BPF filesystem:
@@ -256,6 +261,7 @@ pub struct Kernel {
     counters: PerCpuArray<MapData, u64>,
     rule_hits: PerCpuArray<MapData, u64>,
     sockets: HashMap<MapData, InodeKey, u32>,
+    enforcer_files: HashMap<MapData, InodeKey, u32>,
     inodes: HashMap<MapData, InodeKey, InodeRule>,
     name_prefix: LpmTrie<MapData, NameKey, NameRule>,
     name_suffix: LpmTrie<MapData, NameKey, NameRule>,
@@ -344,6 +350,7 @@ impl Kernel {
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             rule_hits: take_map(&mut ebpf, maps::RULE_HITS)?,
             sockets: take_map(&mut ebpf, maps::PROTECTED_SOCKETS)?,
+            enforcer_files: take_map(&mut ebpf, maps::ENFORCER_FILES)?,
             ebpf,
         })
     }
@@ -611,6 +618,39 @@ impl Kernel {
             name: maps::PROTECTED_SOCKETS,
             source,
         })
+    }
+
+    /// Replace the set of the enforcer's own files (device, inode) that no
+    /// session may change.
+    pub fn set_enforcer_files(&mut self, files: &[(u32, u64)]) -> Result<()> {
+        let error = |source| KernelError::MapUpdate {
+            name: maps::ENFORCER_FILES,
+            source,
+        };
+        let wanted: Vec<InodeKey> = files
+            .iter()
+            .map(|&(dev, ino)| InodeKey {
+                policy: 0,
+                dev,
+                ino,
+            })
+            .collect();
+        for key in &wanted {
+            self.enforcer_files.insert(key, 0, 0).map_err(error)?;
+        }
+        let stale: Vec<InodeKey> = self
+            .enforcer_files
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            match self.enforcer_files.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(error(e)),
+            }
+        }
+        Ok(())
     }
 
     pub fn set_inode(&mut self, key: InodeKey, rule: InodeRule) -> Result<()> {

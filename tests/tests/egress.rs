@@ -528,7 +528,7 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
 }
 
 /// The six socket programs are attached; with BPF LSM, the three file
-/// programs and the ten guards too.
+/// programs and the fourteen guards too.
 fn assert_programs(status: &Value) {
     let programs: Vec<&str> = status["programs"]
         .as_array()
@@ -553,6 +553,10 @@ fn assert_programs(status: &Value) {
             "guard_unix_send",
             "guard_unlink",
             "guard_rmdir",
+            "guard_create",
+            "guard_mkdir",
+            "guard_mknod",
+            "guard_symlink",
             "guard_umount",
         ]);
     }

@@ -230,6 +230,45 @@ fn a_session_cannot_use_bpf_or_touch_the_pins() {
 }
 
 #[test]
+fn a_session_cannot_change_the_rules_the_binary_or_the_log() {
+    let sb = Sandbox::new();
+    let _daemon = daemon(&sb);
+    let profile = sb.rules().join("agent.toml");
+    let new = sb.rules().join("new.toml");
+    let log = sb.log();
+    let binary = integration_tests::enforcer_bin();
+    let attempts: [(&str, &Path); 6] = [
+        ("open-write", &profile),
+        ("create", &new),
+        ("unlink", &profile),
+        ("rename", &profile),
+        ("open-write", &log),
+        // Writing a running binary is refused anyway (ETXTBSY); replacing
+        // it is the way to change it.
+        ("rename", &binary),
+    ];
+    for (how, path) in attempts {
+        refused_as_user(&sb, how, path_str(path));
+    }
+    if bpf_lsm() {
+        for (how, path) in attempts {
+            let record = refused_and_logged(&sb, how, path_str(path), "enforcer-files");
+            let name = path.file_name().unwrap().to_str().unwrap();
+            assert_eq!(record["target"], name, "{record}");
+        }
+        assert!(!new.exists() && profile.exists(), "the rules changed");
+        // The daemon still has its rules and reloads them.
+        assert!(sb.enforcer(&["reload"]).status().unwrap().success());
+        // A file next to the rules directory is no enforcer file.
+        let beside = sb.rules().with_file_name("beside");
+        assert_eq!(
+            attempt(&sb, As::Root, "agent", "create", path_str(&beside)),
+            "ok"
+        );
+    }
+}
+
+#[test]
 fn a_session_cannot_open_raw_or_packet_sockets() {
     let sb = Sandbox::new();
     let _daemon = daemon(&sb);

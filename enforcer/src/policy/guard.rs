@@ -14,7 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use enforcer_common::{GUARD_PINS, GUARDS};
+use enforcer_common::{GUARDS, GUARDS_ALWAYS};
 
 use super::profile::Origin;
 
@@ -74,15 +74,15 @@ pub fn parse_allow(text: &str) -> Result<AllowEntry, String> {
         return parse_socket(text).map(AllowEntry::Socket);
     }
     match GUARDS.iter().find(|(_, name)| *name == text) {
-        Some((GUARD_PINS, _)) => {
-            Err("`pins` cannot be re-allowed: nothing in a session may remove enforcement".into())
-        }
+        Some((bit, name)) if bit & GUARDS_ALWAYS != 0 => Err(format!(
+            "`{name}` cannot be re-allowed: nothing in a session may change the enforcer"
+        )),
         Some((bit, _)) => Ok(AllowEntry::Guard(*bit)),
         None => Err(format!(
             "unknown guard `{text}`; the guards are {} (or give a socket path)",
             GUARDS
                 .iter()
-                .filter(|(bit, _)| *bit != GUARD_PINS)
+                .filter(|(bit, _)| bit & GUARDS_ALWAYS == 0)
                 .map(|(_, name)| format!("`{name}`"))
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -226,6 +226,7 @@ mod tests {
         assert!(unknown.contains("unknown guard `ptrac`"), "{unknown}");
         assert!(unknown.contains("`raw-socket`"), "{unknown}");
         assert!(!unknown.contains("`pins`"), "{unknown}");
+        assert!(parse_allow("enforcer-files").is_err());
         assert!(parse_socket("run/x.sock").is_err());
         assert!(parse_socket("/run/../etc/x").is_err());
         assert!(parse_socket("/run/*a*/x").is_err());

@@ -42,6 +42,9 @@
 //!   netlink               socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) (not an escape)
 //!   unix PATH             connect a Unix stream socket to PATH
 //!   unix-dgram PATH       send a datagram to the Unix socket PATH
+//!   open-write PATH       open PATH for writing (as `probe open-write`)
+//!   create PATH           create the file PATH
+//!   rename PATH           rename PATH to PATH.moved
 //!   unlink PATH           unlink PATH
 //!   rmdir PATH            remove the directory PATH
 //!   umount PATH           umount2(PATH, MNT_DETACH)
@@ -340,6 +343,9 @@ fn escape(how: &str, arg: &str) -> io::Result<()> {
         "unix-dgram" => std::os::unix::net::UnixDatagram::unbound()?
             .send_to(b"probe", arg)
             .map(drop),
+        "open-write" => open_file(how, arg),
+        "create" => std::fs::File::create_new(arg).map(drop),
+        "rename" => std::fs::rename(arg, format!("{arg}.moved")),
         "unlink" => std::fs::remove_file(arg),
         "rmdir" => std::fs::remove_dir(arg),
         "umount" => {
