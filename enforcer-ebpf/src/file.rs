@@ -18,7 +18,10 @@ use enforcer_common::{
 
 use crate::{
     guard,
-    maps::{EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit},
+    maps::{
+        EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit,
+        lsm_refusal,
+    },
     session::{self, Lookup},
 };
 
@@ -220,13 +223,7 @@ fn judge(lookup: Lookup, object: impl FnOnce(&KernelOffsets) -> Result<Object, U
         rule_id,
         audit,
     );
-    if audit {
-        count(Counter::Audited);
-        ALLOW
-    } else {
-        count(Counter::Denied);
-        EPERM
-    }
+    lsm_refusal(audit)
 }
 
 /// The deny rule that applies, or `None` to allow. The most specific tier

@@ -19,12 +19,11 @@ use enforcer_common::{
 
 use crate::{
     file::{KERNEL_OFFSETS, read},
-    maps::{ENFORCER_FILES, EVENTS, PROTECTED_SOCKETS, count},
+    maps::{ENFORCER_FILES, EVENTS, PROTECTED_SOCKETS, count, lsm_refusal},
     session::{self, INSTANCE_CGROUP_LEVEL, Lookup},
 };
 
 const ALLOW: i32 = 0;
-const EPERM: i32 = -1;
 
 // Filesystem magic numbers (include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
@@ -423,13 +422,7 @@ fn refuse_for(lookup: Lookup, guard: u32, detail: &Detail) -> i32 {
         Lookup::Unknown(cgroup) => (cgroup, 0, false),
     };
     report(guard, detail, session_cgroup, profile_id, audit);
-    if audit {
-        count(Counter::Audited);
-        ALLOW
-    } else {
-        count(Counter::Denied);
-        EPERM
-    }
+    lsm_refusal(audit)
 }
 
 #[inline(always)]

@@ -90,3 +90,16 @@ pub fn count_rule_hit(rule_id: u32) {
         None => count(Counter::RuleHitOutOfRange),
     }
 }
+
+/// What an LSM hook returns for an operation it refuses: in audit mode it
+/// goes through (counted as audited), otherwise `-EPERM` (counted denied).
+#[inline(always)]
+pub fn lsm_refusal(audit: bool) -> i32 {
+    if audit {
+        count(Counter::Audited);
+        0
+    } else {
+        count(Counter::Denied);
+        -1
+    }
+}

@@ -114,12 +114,9 @@ fn refused_as_user(sb: &Sandbox, how: &str, arg: &str) {
     );
 }
 
-/// The daemon with the `agent` profile. A small `default` profile replaces
-/// the built-in one, whose host names would take the daemon many seconds
-/// to fail to resolve offline.
+/// The daemon with the `agent` profile.
 fn daemon(sb: &Sandbox) -> Spawned {
     sb.profile("agent", PROFILE);
-    sb.profile("default", "name = \"default\"\n");
     sb.daemon(&[])
 }
 
@@ -316,7 +313,6 @@ fn local_services_that_act_outside_the_session_are_out_of_reach() {
             "name = \"docker\"\n[guard]\nsockets = [\"{base}/*.sock\"]\nallow = [\"{base}/docker.sock\"]\n"
         ),
     );
-    sb.profile("default", "name = \"default\"\n");
     let _daemon = sb.daemon(&[]);
     let control = sb.socket();
     if bpf_lsm() {
