@@ -514,9 +514,9 @@ impl Kernel {
     }
 
     /// Remove what a previous controller left in the pinned maps and
-    /// nothing now uses: sessions not in `sessions`, network entries of
-    /// profile ids not in `profiles`, file entries of policies not in
-    /// `policies`. Returns how many entries went.
+    /// nothing now uses: sessions not in `sessions`, network and protected
+    /// socket entries of profile ids not in `profiles`, file entries of
+    /// policies not in `policies`. Returns how many entries went.
     pub fn retain(
         &mut self,
         sessions: &std::collections::HashSet<u64>,
@@ -560,6 +560,16 @@ impl Kernel {
             .collect();
         for key in stale_inodes {
             self.remove_inode(&key)?;
+            removed += 1;
+        }
+        let stale_sockets: Vec<InodeKey> = self
+            .sockets
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !profiles.contains(&k.policy))
+            .collect();
+        for key in stale_sockets {
+            self.set_protected_socket(key, None)?;
             removed += 1;
         }
         for trie in [&mut self.name_prefix, &mut self.name_suffix] {
