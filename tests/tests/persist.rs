@@ -117,12 +117,17 @@ fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
     let (_l, target) = listen("127.0.0.2:0");
     let mut daemon = sb.daemon(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let (stopped, done) = (dir.path().join("stopped"), dir.path().join("done"));
+    let (stopped, tried, done) = (
+        dir.path().join("stopped"),
+        dir.path().join("tried"),
+        dir.path().join("done"),
+    );
     let agent = sb.steps_agent(
         "p",
         &[
             &format!("wait {}", stopped.display()),
             &format!("tcp {target}"),
+            &format!("mark {}", tried.display()),
             &format!("wait {}", done.display()),
         ],
     );
@@ -143,6 +148,9 @@ fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
     assert!(out.status.success(), "{out:?}");
     assert!(daemon.0.wait().unwrap().success());
     std::fs::write(&stopped, b"").unwrap();
+    // The agent connects with no daemon running (and says so) before the
+    // unload is forced.
+    wait_for("the agent's connect", || tried.exists());
     // Without a daemon: refused too, then forced.
     let pins = sb.pin_dir();
     let unload = |force: bool| {
@@ -160,7 +168,7 @@ fn only_stop_unload_removes_enforcement_and_not_while_agents_run() {
     assert!(!pins.exists(), "the pins are gone");
     // The agent was denied while enforced, then killed by --force.
     let lines = agent.lines();
-    assert_eq!(lines, ["waited", "eperm"], "{lines:?}");
+    assert_eq!(lines, ["waited", "eperm", "ok"], "{lines:?}");
     assert!(!Path::new(&done).exists());
 }
 
