@@ -196,7 +196,9 @@ impl Sandbox {
                 .spawn()
                 .expect("starting the daemon"),
         );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        // Generous: under the VM's emulation, with agents busy in connect
+        // loops, loading and verifying every program took over 30 s.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_mins(2);
         while !self.socket().exists()
             || self
                 .enforcer(&["status"])
