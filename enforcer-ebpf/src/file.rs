@@ -17,17 +17,13 @@ use enforcer_common::{
 };
 
 use crate::{
-    guard,
-    maps::{
-        EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit,
-        lsm_refusal,
-    },
+    maps::{EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit},
     session::{self, Lookup},
 };
 
 /// Set by the controller from the running kernel's BTF.
 #[unsafe(no_mangle)]
-pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     file_f_inode: 0,
     file_f_path_dentry: 0,
     file_f_mode: 0,
@@ -38,18 +34,6 @@ pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     dentry_d_name_name: 0,
     dentry_d_name_len: 0,
     dentry_d_inode: 0,
-    super_block_s_magic: 0,
-    task_tgid: 0,
-    task_cgroups: 0,
-    css_set_dfl_cgrp: 0,
-    cgroup_kn: 0,
-    cgroup_level: 0,
-    cgroup_self_parent: 0,
-    css_cgroup: 0,
-    kernfs_node_id: 0,
-    unix_sock_path_dentry: 0,
-    socket_sk: 0,
-    vfsmount_mnt_sb: 0,
 };
 
 const ALLOW: i32 = 0;
@@ -60,24 +44,15 @@ const SCOPE_BITS: u32 = 32;
 
 /// Read a `T` at `base + offset` in kernel memory.
 #[inline(always)]
-pub(crate) fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
+fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
 }
 
 /// `file_open(file)`: any open, read or write, however it was reached.
-/// Writing a cgroup file is a guard's business (leaving the session).
 pub fn judge_open(ctx: &LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
-    let previous: i32 = ctx.arg(1);
-    let Some(lookup) = in_session(previous) else {
-        return previous;
-    };
-    let verdict = guard::open_for_write(lookup, file);
-    if verdict != ALLOW {
-        return verdict;
-    }
-    judge(lookup, |o| {
+    judge(ctx.arg(1), |o| {
         Ok(Object {
             dentry: read(file, o.file_f_path_dentry)?,
             inode: read(file, o.file_f_inode)?,
@@ -90,15 +65,7 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
 /// file would let it be opened outside a protected directory.
 pub fn judge_link(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(0);
-    let previous: i32 = ctx.arg(3);
-    let Some(lookup) = in_session(previous) else {
-        return previous;
-    };
-    let verdict = guard::link(lookup, ctx.arg(1), ctx.arg(2));
-    if verdict != ALLOW {
-        return verdict;
-    }
-    judge(lookup, |o| dentry_object(old, ACCESS_LINK, o))
+    judge(ctx.arg(3), |o| dentry_object(old, ACCESS_LINK, o))
 }
 
 /// `inode_rename(old_dir, old_dentry, new_dir, new_dentry)`: moving a
@@ -107,19 +74,11 @@ pub fn judge_link(ctx: &LsmContext) -> i32 {
 pub fn judge_rename(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(1);
     let new: *const u8 = ctx.arg(3);
-    let previous: i32 = ctx.arg(4);
-    let Some(lookup) = in_session(previous) else {
-        return previous;
-    };
-    let verdict = guard::rename(lookup, ctx.arg(0), old, ctx.arg(2), new);
+    let verdict = judge(ctx.arg(4), |o| dentry_object(old, ACCESS_RENAME, o));
     if verdict != ALLOW {
         return verdict;
     }
-    let verdict = judge(lookup, |o| dentry_object(old, ACCESS_RENAME, o));
-    if verdict != ALLOW {
-        return verdict;
-    }
-    judge(lookup, |o| {
+    judge(0, |o| {
         let inode: *const u8 = read(new, o.dentry_d_inode)?;
         // A new name (no inode yet) protects nothing.
         if inode.is_null() {
@@ -164,25 +123,15 @@ fn dentry_object(dentry: *const u8, access: u32, o: &KernelOffsets) -> Result<Ob
     })
 }
 
-/// The current task's session, unless an earlier LSM program already
-/// refused (`previous`) or the task is in none: then the hook returns
-/// `previous` at once, for one helper call.
+/// The part every file hook shares: is the task in a session with file
+/// rules, what do they say about the object, report and count.
 #[inline(always)]
-fn in_session(previous: i32) -> Option<Lookup> {
+fn judge(previous: i32, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
+    // An earlier LSM program already decided.
     if previous != 0 {
-        return None;
+        return previous;
     }
-    match session::current() {
-        Lookup::Outside => None,
-        lookup => Some(lookup),
-    }
-}
-
-/// The part every file hook shares: does the session have file rules,
-/// what do they say about the object, report and count.
-#[inline(always)]
-fn judge(lookup: Lookup, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
-    let (session_cgroup, session) = match lookup {
+    let (session_cgroup, session) = match session::current() {
         Lookup::Outside => return ALLOW,
         Lookup::Inside(cgroup, session) => (cgroup, session),
         Lookup::Unknown(_) => {
@@ -223,7 +172,13 @@ fn judge(lookup: Lookup, object: impl FnOnce(&KernelOffsets) -> Result<Object, U
         rule_id,
         audit,
     );
-    lsm_refusal(audit)
+    if audit {
+        count(Counter::Audited);
+        ALLOW
+    } else {
+        count(Counter::Denied);
+        EPERM
+    }
 }
 
 /// The deny rule that applies, or `None` to allow. The most specific tier

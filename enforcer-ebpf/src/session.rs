@@ -9,9 +9,8 @@ use crate::maps::{SESSIONS, count};
 #[unsafe(no_mangle)]
 static INSTANCE_CGROUP_ID: u64 = 0;
 #[unsafe(no_mangle)]
-pub(crate) static INSTANCE_CGROUP_LEVEL: i32 = 0;
+static INSTANCE_CGROUP_LEVEL: i32 = 0;
 
-#[derive(Clone, Copy)]
 pub enum Lookup {
     /// Not in this controller's cgroup tree: not ours to judge.
     Outside,

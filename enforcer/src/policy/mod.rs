@@ -3,7 +3,6 @@
 
 pub mod compile;
 pub mod files;
-pub mod guard;
 pub mod profile;
 pub mod target;
 
