@@ -1737,7 +1737,11 @@ fn some_of(names: &[&str]) -> String {
     if names.len() <= SHOWN {
         return names.join(", ");
     }
-    format!("{}, and {} more", names[..SHOWN].join(", "), names.len() - SHOWN)
+    format!(
+        "{}, and {} more",
+        names[..SHOWN].join(", "),
+        names.len() - SHOWN
+    )
 }
 
 /// Instances whose controller died leave cgroups behind. Empty ones are
