@@ -168,11 +168,11 @@ impl Sandbox {
     /// when it starts, and the built-in profile's hundred names take tens of
     /// seconds to time out offline under the VM's emulation.
     pub fn daemon_command(&self, extra: &[&str]) -> Command {
-        let default = self.rules().join("default.toml");
+        let rules = self.rules();
+        let default = rules.join("default.toml");
         if !default.exists() {
             std::fs::write(&default, "name = \"default\"\n").expect("writing a profile");
         }
-        let rules = self.rules();
         let log = self.log();
         let pins = self.pin_dir();
         let mut args = vec![
@@ -343,15 +343,4 @@ pub fn bpf_lsm() -> bool {
         );
     }
     enforced
-}
-
-/// Where the cgroup2 hierarchy is mounted (from `/proc/self/mountinfo`).
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        right
-            .starts_with("cgroup2 ")
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-    })
 }
