@@ -145,8 +145,8 @@ fn script(settings: &Settings) -> String {
     let mut s = format!(
         "E=/bin/enforcer; B=/bin/enforcer-bench; S=/run/bench.sock\n\
          $B mkpaths {GUEST_PATHS} || exit 1\n\
-         start_daemon() {{\n  rm -f $S; $E --socket $S daemon --rules $1 --log $2 --pin-dir /sys/fs/bpf/enforcer-bench 2>/tmp/daemon.err & DAEMON=$!; i=0\n  \
-           until grep -q 'daemon ready' /tmp/daemon.err; do i=$((i+1)); if [ $i -gt 1200 ]; then cat /tmp/daemon.err; exit 1; fi; sleep 0.1; done\n}}\n\
+         start_daemon() {{\n  rm -f $S /tmp/daemon.err; $E --socket $S daemon --rules $1 --log $2 --pin-dir /sys/fs/bpf/enforcer-bench 2>/tmp/daemon.err & DAEMON=$!; i=0\n  \
+           until grep -qs 'daemon ready' /tmp/daemon.err; do i=$((i+1)); if [ $i -gt 1200 ]; then cat /tmp/daemon.err; exit 1; fi; sleep 0.1; done\n}}\n\
          stop_daemon() {{ $E --socket $S stop --unload --force --pin-dir /sys/fs/bpf/enforcer-bench >/dev/null; wait $DAEMON; }}\n"
     );
     for round in 0..settings.vm_rounds {
