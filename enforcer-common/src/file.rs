@@ -104,6 +104,32 @@ pub struct KernelOffsets {
     pub dentry_d_name_len: u32,
     /// `struct dentry` -> `d_inode` (`struct inode *`).
     pub dentry_d_inode: u32,
+    // The guard programs (see `guard`):
+    /// `struct super_block` -> `s_magic` (`unsigned long`).
+    pub super_block_s_magic: u32,
+    /// `struct task_struct` -> `tgid` (`pid_t`).
+    pub task_tgid: u32,
+    /// `struct task_struct` -> `cgroups` (`struct css_set *`).
+    pub task_cgroups: u32,
+    /// `struct css_set` -> `dfl_cgrp` (`struct cgroup *`, its cgroup2 cgroup).
+    pub css_set_dfl_cgrp: u32,
+    /// `struct cgroup` -> `kn` (`struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct cgroup` -> `level` (`int`; the root is 0).
+    pub cgroup_level: u32,
+    /// `struct cgroup` -> `self.parent` (the parent's `struct
+    /// cgroup_subsys_state *`).
+    pub cgroup_self_parent: u32,
+    /// `struct cgroup_subsys_state` -> `cgroup` (`struct cgroup *`).
+    pub css_cgroup: u32,
+    /// `struct kernfs_node` -> `id` (`u64`, the cgroup id).
+    pub kernfs_node_id: u32,
+    /// `struct unix_sock` -> `path.dentry` (the bound socket file).
+    pub unix_sock_path_dentry: u32,
+    /// `struct socket` -> `sk` (`struct sock *`).
+    pub socket_sk: u32,
+    /// `struct vfsmount` -> `mnt_sb` (`struct super_block *`).
+    pub vfsmount_mnt_sb: u32,
 }
 
 pub const EVENT_FILE: u32 = 2;
@@ -144,6 +170,6 @@ pub struct FileEvent {
 const _: () = assert!(size_of::<InodeKey>() == 16);
 const _: () = assert!(size_of::<InodeRule>() == 20);
 const _: () = assert!(size_of::<NameKey>() == 4 + NAME_BYTES);
-const _: () = assert!(size_of::<KernelOffsets>() == 40);
+const _: () = assert!(size_of::<KernelOffsets>() == 88);
 const _: () =
     assert!(size_of::<FileEvent>() == 8 + 24 + 20 + 4 + 16 + EVENT_PART_BYTES * EVENT_PATH_PARTS);

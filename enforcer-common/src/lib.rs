@@ -11,9 +11,11 @@
 )]
 
 pub mod file;
+pub mod guard;
 pub mod net;
 
 pub use file::*;
+pub use guard::*;
 pub use net::*;
 
 /// Map names, shared so the controller looks up exactly what the kernel
@@ -29,6 +31,8 @@ pub mod maps {
     pub const DNS_ORIGINAL: &str = "DNS_ORIGINAL";
     pub const NAME_PREFIX: &str = "NAME_PREFIX";
     pub const NAME_SUFFIX: &str = "NAME_SUFFIX";
+    pub const PROTECTED_SOCKETS: &str = "PROTECTED_SOCKETS";
+    pub const ENFORCER_FILES: &str = "ENFORCER_FILES";
 }
 
 /// Names of the read-only globals the controller sets at load time.
@@ -129,6 +133,10 @@ impl Session {
     }
     pub const fn default_deny(&self) -> bool {
         self.flags & SESSION_DEFAULT_DENY != 0
+    }
+    /// Whether the profile re-allowed `guard` (a `GUARD_*`).
+    pub const fn guard_allowed(&self, guard: u32) -> bool {
+        self.flags & (guard << SESSION_GUARD_ALLOW_SHIFT) != 0
     }
 }
 

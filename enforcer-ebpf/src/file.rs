@@ -17,13 +17,17 @@ use enforcer_common::{
 };
 
 use crate::{
-    maps::{EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit},
+    guard,
+    maps::{
+        EVENTS, FILE_INODES, NAME_PREFIX, NAME_SCRATCH, NAME_SUFFIX, count, count_rule_hit,
+        lsm_refusal,
+    },
     session::{self, Lookup},
 };
 
 /// Set by the controller from the running kernel's BTF.
 #[unsafe(no_mangle)]
-static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+pub(crate) static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     file_f_inode: 0,
     file_f_path_dentry: 0,
     file_f_mode: 0,
@@ -34,6 +38,18 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     dentry_d_name_name: 0,
     dentry_d_name_len: 0,
     dentry_d_inode: 0,
+    super_block_s_magic: 0,
+    task_tgid: 0,
+    task_cgroups: 0,
+    css_set_dfl_cgrp: 0,
+    cgroup_kn: 0,
+    cgroup_level: 0,
+    cgroup_self_parent: 0,
+    css_cgroup: 0,
+    kernfs_node_id: 0,
+    unix_sock_path_dentry: 0,
+    socket_sk: 0,
+    vfsmount_mnt_sb: 0,
 };
 
 const ALLOW: i32 = 0;
@@ -44,15 +60,24 @@ const SCOPE_BITS: u32 = 32;
 
 /// Read a `T` at `base + offset` in kernel memory.
 #[inline(always)]
-fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
+pub(crate) fn read<T>(base: *const u8, offset: u32) -> Result<T, ()> {
     // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.map_err(|_| ())
 }
 
 /// `file_open(file)`: any open, read or write, however it was reached.
+/// Writing a cgroup file is a guard's business (leaving the session).
 pub fn judge_open(ctx: &LsmContext) -> i32 {
     let file: *const u8 = ctx.arg(0);
-    judge(ctx.arg(1), |o| {
+    let previous: i32 = ctx.arg(1);
+    let Some(lookup) = in_session(previous) else {
+        return previous;
+    };
+    let verdict = guard::open_for_write(lookup, file);
+    if verdict != ALLOW {
+        return verdict;
+    }
+    judge(lookup, |o| {
         Ok(Object {
             dentry: read(file, o.file_f_path_dentry)?,
             inode: read(file, o.file_f_inode)?,
@@ -65,7 +90,15 @@ pub fn judge_open(ctx: &LsmContext) -> i32 {
 /// file would let it be opened outside a protected directory.
 pub fn judge_link(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(0);
-    judge(ctx.arg(3), |o| dentry_object(old, ACCESS_LINK, o))
+    let previous: i32 = ctx.arg(3);
+    let Some(lookup) = in_session(previous) else {
+        return previous;
+    };
+    let verdict = guard::link(lookup, ctx.arg(1), ctx.arg(2));
+    if verdict != ALLOW {
+        return verdict;
+    }
+    judge(lookup, |o| dentry_object(old, ACCESS_LINK, o))
 }
 
 /// `inode_rename(old_dir, old_dentry, new_dir, new_dentry)`: moving a
@@ -74,11 +107,19 @@ pub fn judge_link(ctx: &LsmContext) -> i32 {
 pub fn judge_rename(ctx: &LsmContext) -> i32 {
     let old: *const u8 = ctx.arg(1);
     let new: *const u8 = ctx.arg(3);
-    let verdict = judge(ctx.arg(4), |o| dentry_object(old, ACCESS_RENAME, o));
+    let previous: i32 = ctx.arg(4);
+    let Some(lookup) = in_session(previous) else {
+        return previous;
+    };
+    let verdict = guard::rename(lookup, ctx.arg(0), old, ctx.arg(2), new);
     if verdict != ALLOW {
         return verdict;
     }
-    judge(0, |o| {
+    let verdict = judge(lookup, |o| dentry_object(old, ACCESS_RENAME, o));
+    if verdict != ALLOW {
+        return verdict;
+    }
+    judge(lookup, |o| {
         let inode: *const u8 = read(new, o.dentry_d_inode)?;
         // A new name (no inode yet) protects nothing.
         if inode.is_null() {
@@ -123,15 +164,25 @@ fn dentry_object(dentry: *const u8, access: u32, o: &KernelOffsets) -> Result<Ob
     })
 }
 
-/// The part every file hook shares: is the task in a session with file
-/// rules, what do they say about the object, report and count.
+/// The current task's session, unless an earlier LSM program already
+/// refused (`previous`) or the task is in none: then the hook returns
+/// `previous` at once, for one helper call.
 #[inline(always)]
-fn judge(previous: i32, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
-    // An earlier LSM program already decided.
+fn in_session(previous: i32) -> Option<Lookup> {
     if previous != 0 {
-        return previous;
+        return None;
     }
-    let (session_cgroup, session) = match session::current() {
+    match session::current() {
+        Lookup::Outside => None,
+        lookup => Some(lookup),
+    }
+}
+
+/// The part every file hook shares: does the session have file rules,
+/// what do they say about the object, report and count.
+#[inline(always)]
+fn judge(lookup: Lookup, object: impl FnOnce(&KernelOffsets) -> Result<Object, Unread>) -> i32 {
+    let (session_cgroup, session) = match lookup {
         Lookup::Outside => return ALLOW,
         Lookup::Inside(cgroup, session) => (cgroup, session),
         Lookup::Unknown(_) => {
@@ -172,13 +223,7 @@ fn judge(previous: i32, object: impl FnOnce(&KernelOffsets) -> Result<Object, Un
         rule_id,
         audit,
     );
-    if audit {
-        count(Counter::Audited);
-        ALLOW
-    } else {
-        count(Counter::Denied);
-        EPERM
-    }
+    lsm_refusal(audit)
 }
 
 /// The deny rule that applies, or `None` to allow. The most specific tier

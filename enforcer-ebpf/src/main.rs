@@ -14,6 +14,7 @@
 )]
 
 mod file;
+mod guard;
 mod maps;
 mod net;
 mod session;
@@ -67,6 +68,76 @@ pub fn inode_link(ctx: LsmContext) -> i32 {
 #[lsm(hook = "inode_rename")]
 pub fn inode_rename(ctx: LsmContext) -> i32 {
     file::judge_rename(&ctx)
+}
+
+#[lsm(hook = "bpf")]
+pub fn guard_bpf(ctx: LsmContext) -> i32 {
+    guard::bpf(&ctx)
+}
+
+#[lsm(hook = "ptrace_access_check")]
+pub fn guard_ptrace(ctx: LsmContext) -> i32 {
+    guard::ptrace(&ctx)
+}
+
+#[lsm(hook = "task_kill")]
+pub fn guard_signal(ctx: LsmContext) -> i32 {
+    guard::signal(&ctx)
+}
+
+#[lsm(hook = "task_alloc")]
+pub fn guard_clone(ctx: LsmContext) -> i32 {
+    guard::clone(&ctx)
+}
+
+#[lsm(hook = "socket_create")]
+pub fn guard_socket_create(ctx: LsmContext) -> i32 {
+    guard::socket_create(&ctx)
+}
+
+#[lsm(hook = "unix_stream_connect")]
+pub fn guard_unix_connect(ctx: LsmContext) -> i32 {
+    guard::unix_stream_connect(&ctx)
+}
+
+#[lsm(hook = "unix_may_send")]
+pub fn guard_unix_send(ctx: LsmContext) -> i32 {
+    guard::unix_may_send(&ctx)
+}
+
+#[lsm(hook = "inode_unlink")]
+pub fn guard_unlink(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_rmdir")]
+pub fn guard_rmdir(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_create")]
+pub fn guard_create(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_mkdir")]
+pub fn guard_mkdir(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_mknod")]
+pub fn guard_mknod(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "inode_symlink")]
+pub fn guard_symlink(ctx: LsmContext) -> i32 {
+    guard::change_in_dir(&ctx)
+}
+
+#[lsm(hook = "sb_umount")]
+pub fn guard_umount(ctx: LsmContext) -> i32 {
+    guard::umount(&ctx)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -39,6 +39,17 @@ pub static NAME_PREFIX: LpmTrie<NameKey, NameRule> =
 pub static NAME_SUFFIX: LpmTrie<NameKey, NameRule> =
     LpmTrie::with_max_entries(1 << 16, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
+/// (profile, device, inode) of a Unix socket file whose service acts
+/// outside the session -> an index the controller names it by.
+#[map]
+pub static PROTECTED_SOCKETS: HashMap<InodeKey, u32> = HashMap::with_max_entries(4096, 0);
+
+/// (0, device, inode) of the enforcer's own files and directories (its
+/// binary, the rules directory, the denial log), which no session may
+/// change.
+#[map]
+pub static ENFORCER_FILES: HashMap<InodeKey, u32> = HashMap::with_max_entries(64, 0);
+
 /// Per-CPU room for the opened file's name keys (too big for the stack).
 #[map]
 pub static NAME_SCRATCH: PerCpuArray<crate::file::NameScratch> =
@@ -77,5 +88,18 @@ pub fn count_rule_hit(rule_id: u32) {
         // SAFETY: per-CPU slot, as in `count`.
         Some(slot) => unsafe { *slot += 1 },
         None => count(Counter::RuleHitOutOfRange),
+    }
+}
+
+/// What an LSM hook returns for an operation it refuses: in audit mode it
+/// goes through (counted as audited), otherwise `-EPERM` (counted denied).
+#[inline(always)]
+pub fn lsm_refusal(audit: bool) -> i32 {
+    if audit {
+        count(Counter::Audited);
+        0
+    } else {
+        count(Counter::Denied);
+        -1
     }
 }

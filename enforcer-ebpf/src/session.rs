@@ -9,8 +9,9 @@ use crate::maps::{SESSIONS, count};
 #[unsafe(no_mangle)]
 static INSTANCE_CGROUP_ID: u64 = 0;
 #[unsafe(no_mangle)]
-static INSTANCE_CGROUP_LEVEL: i32 = 0;
+pub(crate) static INSTANCE_CGROUP_LEVEL: i32 = 0;
 
+#[derive(Clone, Copy)]
 pub enum Lookup {
     /// Not in this controller's cgroup tree: not ours to judge.
     Outside,

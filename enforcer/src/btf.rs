@@ -138,6 +138,18 @@ pub fn file_offsets_from(path: &Path) -> Result<FileOffsets, BtfError> {
         dentry_d_name_name: btf.offset("dentry", "d_name.name", pointer)?,
         dentry_d_name_len: btf.offset("dentry", "d_name.len", u32_int)?,
         dentry_d_inode: btf.offset("dentry", "d_inode", pointer)?,
+        super_block_s_magic: btf.offset("super_block", "s_magic", u64_int)?,
+        task_tgid: btf.offset("task_struct", "tgid", u32_int)?,
+        task_cgroups: btf.offset("task_struct", "cgroups", pointer)?,
+        css_set_dfl_cgrp: btf.offset("css_set", "dfl_cgrp", pointer)?,
+        cgroup_kn: btf.offset("cgroup", "kn", pointer)?,
+        cgroup_level: btf.offset("cgroup", "level", u32_int)?,
+        cgroup_self_parent: btf.offset("cgroup", "self.parent", pointer)?,
+        css_cgroup: btf.offset("cgroup_subsys_state", "cgroup", pointer)?,
+        kernfs_node_id: btf.offset("kernfs_node", "id", u64_int)?,
+        unix_sock_path_dentry: btf.offset("unix_sock", "path.dentry", pointer)?,
+        socket_sk: btf.offset("socket", "sk", pointer)?,
+        vfsmount_mnt_sb: btf.offset("vfsmount", "mnt_sb", pointer)?,
     })
 }
 
@@ -632,6 +644,7 @@ mod tests {
             dentry_d_name_name,
             dentry_d_name_len,
             dentry_d_inode,
+            ..
         } = *offsets;
         // Every one of these structs starts with other fields.
         for (name, offset) in [
@@ -663,6 +676,26 @@ mod tests {
         for int in [file_f_mode, super_block_s_dev, dentry_d_name_len] {
             assert_eq!(int % 4, 0, "{offsets:?}");
         }
+        // The guards' fields: pointers and 8-byte integers, then ints.
+        for eight in [
+            offsets.super_block_s_magic,
+            offsets.task_cgroups,
+            offsets.css_set_dfl_cgrp,
+            offsets.cgroup_kn,
+            offsets.cgroup_self_parent,
+            offsets.kernfs_node_id,
+            offsets.unix_sock_path_dentry,
+            offsets.socket_sk,
+            offsets.vfsmount_mnt_sb,
+        ] {
+            assert_eq!(eight % 8, 0, "{offsets:?}");
+        }
+        for int in [offsets.task_tgid, offsets.cgroup_level] {
+            assert_eq!(int % 4, 0, "{offsets:?}");
+        }
+        assert_ne!(offsets.task_tgid, offsets.task_cgroups);
+        // `struct unix_sock` starts with its `struct sock`; the path is after it.
+        assert!(offsets.unix_sock_path_dentry > 8, "{offsets:?}");
         // Different fields of one struct cannot share an offset.
         let distinct = |fields: &[u32]| {
             let mut sorted = fields.to_vec();
@@ -723,6 +756,18 @@ mod tests {
                 dentry_d_name_name: 40,
                 dentry_d_name_len: 36,
                 dentry_d_inode: 48,
+                super_block_s_magic: 96,
+                task_tgid: 2420,
+                task_cgroups: 3600,
+                css_set_dfl_cgrp: 128,
+                cgroup_kn: 248,
+                cgroup_level: 208,
+                cgroup_self_parent: 192,
+                css_cgroup: 0,
+                kernfs_node_id: 104,
+                unix_sock_path_dentry: 792,
+                socket_sk: 24,
+                vfsmount_mnt_sb: 8,
             }
         );
     }

@@ -15,9 +15,11 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use aya::maps::{MapData, RingBuf};
 use enforcer_common::{
-    ACCESS_LINK, ACCESS_RENAME, Counter, EVENT_FILE, EVENT_NET, FileEvent, InodeKey, NO_RULE,
-    NameRule, NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, RuleList, SESSION_AUDIT,
-    SESSION_DEFAULT_DENY, Session, VERDICT_AUDIT,
+    ACCESS_LINK, ACCESS_RENAME, Counter, DETAIL_CLONE_INTO_CGROUP, EVENT_FILE, EVENT_GUARD,
+    EVENT_NET, FileEvent, GUARD_BPF, GUARD_CGROUP, GUARD_LOCAL_SOCKET, GUARD_PTRACE,
+    GUARD_RAW_SOCKET, GUARD_SIGNAL, GUARDS_ALWAYS, GuardEvent, InodeKey, NO_RULE, NameRule,
+    NetEvent, OP_CONNECT, PROTO_TCP, PROTO_UDP, RuleList, SESSION_AUDIT, SESSION_DEFAULT_DENY,
+    SESSION_GUARD_ALLOW_SHIFT, Session, VERDICT_AUDIT,
 };
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -33,7 +35,7 @@ use crate::{
     kernel::{self, Kernel, Pins, Scope},
     log,
     persist::{Persist, Saved, SavedSession},
-    policy::{Action, Mode, Profile, ProfileSet, compile, files, target::Host},
+    policy::{Action, Mode, Profile, ProfileSet, compile, files, guard, target::Host},
     resolve::{Answer, Resolution, Resolver},
 };
 
@@ -77,6 +79,8 @@ struct Installed {
     /// The kernel entries in force for this profile, each by a digest of
     /// its rule list (a list is 196 bytes; 100 000 of them would be 20 MB).
     entries: HashMap<IpNet, u64>,
+    /// The Unix sockets its sessions may not connect to (`PROTECTED_SOCKETS`).
+    sockets: Vec<InodeKey>,
 }
 
 struct RuleInfo {
@@ -142,6 +146,10 @@ struct State {
     dns_ttl_floor: Duration,
     /// Where session proxies forward queries; `None`: nowhere (SERVFAIL).
     dns_upstream: Option<SocketAddr>,
+    /// Control sockets no session may connect to, whatever its profile.
+    control_sockets: Vec<PathBuf>,
+    /// Paths of protected sockets by (device, inode), for the log.
+    socket_names: HashMap<(u32, u64), String>,
 }
 
 #[derive(Clone)]
@@ -320,6 +328,10 @@ impl Controller {
             learned: Learned::new(config.dns_learned_max),
             dns_ttl_floor: config.dns_ttl_floor,
             dns_upstream,
+            control_sockets: std::iter::once(PathBuf::from(crate::control::DEFAULT_SOCKET))
+                .chain(config.persist.as_ref().map(|p| p.socket.clone()))
+                .collect(),
+            socket_names: HashMap::new(),
         };
         let wanted: Vec<String> = config
             .only_profiles
@@ -333,6 +345,7 @@ impl Controller {
             warn_unresolved(&state.profiles.profiles[name], &answers);
         }
         state.install_all(&wanted, &first_ids, &answers)?;
+        state.protect_enforcer_files()?;
 
         let controller = Controller {
             state: Arc::new(Mutex::new(state)),
@@ -470,6 +483,18 @@ impl Controller {
         let Some((profile_id, flags)) = state.session_rules(profile, force_audit) else {
             bail!("{}", unknown_profile(&state.profiles, profile));
         };
+        // Sockets that appeared since the rules loaded (a tmux server, a
+        // user's D-Bus session) are refused to the new session too.
+        state.protect_sockets(profile)?;
+        if agent_uid == 0
+            && let Err(why) = &state.kernel.file_enforcement
+        {
+            tracing::warn!(
+                "the session guards are NOT enforced on this kernel ({why}): an agent running as \
+                 root can leave its cgroup or detach the programs; run it as a user (`sudo \
+                 enforcer run` drops to the invoking user)"
+            );
+        }
         let name = format!("{profile}.{}", state.next_session);
         state.next_session += 1;
         let path = state.instance_dir.join(&name);
@@ -692,6 +717,12 @@ impl Controller {
                         unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
                     state.file_record(&event, &clock, &mounts)
                 }
+                Some(EVENT_GUARD) if item.len() >= size_of::<GuardEvent>() => {
+                    // SAFETY: as above, for a GuardEvent.
+                    let event: GuardEvent =
+                        unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    state.guard_record(&event, &clock)
+                }
                 kind => {
                     tracing::error!(
                         "unknown event from the kernel (kind {kind:?}, {} bytes); skipped",
@@ -868,7 +899,9 @@ impl Controller {
     /// Reopen the denial log (after logrotate moved it away).
     pub fn reopen_log(&self) -> Result<()> {
         self.drain_events();
-        self.state().log.reopen()
+        let mut state = self.state();
+        state.log.reopen()?;
+        state.protect_enforcer_files()
     }
 
     /// Drop learned addresses whose answers have expired.
@@ -1049,8 +1082,8 @@ impl Controller {
                 }
             })
             .collect();
-        let file_programs: &[&str] = if state.kernel.file_enforcement.is_ok() {
-            &kernel::FILE_PROGRAMS
+        let lsm_programs: &[(&str, &str)] = if state.kernel.file_enforcement.is_ok() {
+            &kernel::LSM_PROGRAMS
         } else {
             &[]
         };
@@ -1062,8 +1095,9 @@ impl Controller {
             instance_cgroup: state.instance_dir.display().to_string(),
             programs: kernel::NET_PROGRAMS
                 .iter()
-                .chain(file_programs)
-                .map(|p| (*p).to_owned())
+                .copied()
+                .chain(lsm_programs.iter().map(|(program, _)| *program))
+                .map(str::to_owned)
                 .collect(),
             profiles,
             sessions: state
@@ -1225,9 +1259,11 @@ impl State {
                     first_rule_id: first_ids[name],
                     resolutions,
                     entries: HashMap::new(),
+                    sockets: Vec::new(),
                 },
             );
             self.apply(name)?;
+            self.protect_sockets(name)?;
         }
         Ok(())
     }
@@ -1324,7 +1360,52 @@ impl State {
         if p.default == Action::Deny {
             flags |= SESSION_DEFAULT_DENY;
         }
+        flags |= p.guards.allowed << SESSION_GUARD_ALLOW_SHIFT;
         Some((installed.id, flags))
+    }
+
+    /// Put the enforcer's own files out of the sessions' reach: this binary,
+    /// the rules directory (and so its entries) and the denial log as it is
+    /// now (a reopened log is a new file).
+    fn protect_enforcer_files(&mut self) -> Result<()> {
+        let binary = std::env::current_exe().context("finding the enforcer's own binary")?;
+        let files: Vec<(u32, u64)> = [binary.as_path(), &self.rules_dir, self.log.path()]
+            .into_iter()
+            .filter_map(stat_identity)
+            .collect();
+        Ok(self.kernel.set_enforcer_files(&files)?)
+    }
+
+    /// Bring the profile's `PROTECTED_SOCKETS` entries in line with the
+    /// sockets that exist now, new ones first.
+    fn protect_sockets(&mut self, name: &str) -> Result<()> {
+        let always: Vec<&Path> = self.control_sockets.iter().map(PathBuf::as_path).collect();
+        let found = guard::protected_sockets(&self.profiles.profiles[name].guards, &always, |p| {
+            stat_identity(p)
+        });
+        let installed = self
+            .installed
+            .get_mut(name)
+            .context("profile not installed")?;
+        let mut fresh = Vec::with_capacity(found.len());
+        for (path, (dev, ino)) in found {
+            let key = InodeKey {
+                policy: installed.id,
+                dev,
+                ino,
+            };
+            if !installed.sockets.contains(&key) {
+                self.kernel.set_protected_socket(key, Some(0))?;
+            }
+            self.socket_names
+                .insert((dev, ino), path.display().to_string());
+            fresh.push(key);
+        }
+        for stale in installed.sockets.iter().filter(|k| !fresh.contains(k)) {
+            self.kernel.set_protected_socket(*stale, None)?;
+        }
+        installed.sockets = fresh;
+        Ok(())
     }
 
     fn remove_file_policy(&mut self, policy: &FilePolicy) {
@@ -1344,6 +1425,11 @@ impl State {
         for net in installed.entries.keys() {
             if let Err(e) = self.kernel.remove_rule(installed.id, *net) {
                 tracing::error!("removing a network rule entry: {e}");
+            }
+        }
+        for socket in &installed.sockets {
+            if let Err(e) = self.kernel.set_protected_socket(*socket, None) {
+                tracing::error!("removing a protected socket entry: {e}");
             }
         }
     }
@@ -1491,6 +1577,81 @@ impl State {
                 },
                 |r| r.rule.clone(),
             ),
+        }
+    }
+
+    /// The record of a refused attempt to get around the enforcer: `op` is
+    /// the guard, `target` what it was aimed at.
+    fn guard_record(&self, event: &GuardEvent, clock: &Clock) -> log::Record {
+        let (session, _) = self.attribution(event.session_cgroup, NO_RULE);
+        let name = c_string(&event.name);
+        let guard = guard::guard_name(event.guard);
+        let (target, proto) = match event.guard {
+            GUARD_SIGNAL | GUARD_PTRACE => {
+                let comm = std::fs::read_to_string(format!("/proc/{}/comm", event.target_pid))
+                    .map(|c| format!(" ({})", c.trim()))
+                    .unwrap_or_default();
+                let detail = if event.guard == GUARD_SIGNAL {
+                    format!("signal {}", event.detail)
+                } else {
+                    format!("mode {:#x}", event.detail)
+                };
+                (format!("pid {}{comm}", event.target_pid), detail)
+            }
+            GUARD_LOCAL_SOCKET => (
+                self.socket_names
+                    .get(&(event.dev, event.ino))
+                    .cloned()
+                    .unwrap_or(name),
+                "unix".into(),
+            ),
+            GUARD_RAW_SOCKET => (
+                format!(
+                    "family {} type {}",
+                    event.detail >> 16,
+                    event.detail & 0xffff
+                ),
+                "socket".into(),
+            ),
+            GUARD_CGROUP if event.detail == DETAIL_CLONE_INTO_CGROUP => {
+                ("clone3(CLONE_INTO_CGROUP)".into(), String::new())
+            }
+            GUARD_BPF => (format!("bpf() command {}", event.detail), String::new()),
+            _ => (name, String::new()),
+        };
+        let profile = session.map(|s| s.grant.profile.clone());
+        let rule_text = if event.guard & GUARDS_ALWAYS != 0 {
+            format!("guard `{guard}`: a session can never change the enforcer")
+        } else {
+            format!("guard `{guard}` (a profile may re-allow it: [guard] allow = [\"{guard}\"])")
+        };
+        log::Record {
+            ts: clock.wall_time(event.boot_ns),
+            session: session.map(|s| s.grant.name.clone()),
+            pid: event.tgid,
+            uid: event.uid,
+            comm: c_string(&event.comm),
+            op: guard.into(),
+            verdict: verdict_name(event.verdict),
+            target,
+            proto,
+            host: None,
+            mode: (event.guard == GUARD_CGROUP && event.detail != DETAIL_CLONE_INTO_CGROUP)
+                .then(|| "write".into()),
+            rule: log::RuleRef {
+                file: profile
+                    .as_deref()
+                    .and_then(|p| self.profiles.profiles.get(p))
+                    .map(|p| p.default_origin.file.clone())
+                    .unwrap_or_default(),
+                line: 0,
+                text: if session.is_none() {
+                    "process in an unregistered session cgroup (fail closed)".into()
+                } else {
+                    rule_text
+                },
+            },
+            profile,
         }
     }
 

@@ -25,10 +25,31 @@ use ipnet::IpNet;
 /// The kernel programs, built by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/enforcer"));
 
-/// The LSM programs that guard protected files, named after their hooks:
-/// opening them, and renaming or hard-linking them (which would otherwise
-/// move a file out of a protected directory).
-pub const FILE_PROGRAMS: [&str; 3] = ["file_open", "inode_rename", "inode_link"];
+/// The BPF-LSM programs and their hooks, loaded and attached together:
+/// those that guard
+/// protected files, named after their hooks (opening them, and renaming or
+/// hard-linking them, which would otherwise move a file out of a protected
+/// directory), then the guards that keep a session from switching the
+/// enforcer off (`enforcer-ebpf/src/guard.rs`).
+pub const LSM_PROGRAMS: [(&str, &str); 17] = [
+    ("file_open", "file_open"),
+    ("inode_rename", "inode_rename"),
+    ("inode_link", "inode_link"),
+    ("guard_bpf", "bpf"),
+    ("guard_ptrace", "ptrace_access_check"),
+    ("guard_signal", "task_kill"),
+    ("guard_clone", "task_alloc"),
+    ("guard_socket_create", "socket_create"),
+    ("guard_unix_connect", "unix_stream_connect"),
+    ("guard_unix_send", "unix_may_send"),
+    ("guard_unlink", "inode_unlink"),
+    ("guard_rmdir", "inode_rmdir"),
+    ("guard_create", "inode_create"),
+    ("guard_mkdir", "inode_mkdir"),
+    ("guard_mknod", "inode_mknod"),
+    ("guard_symlink", "inode_symlink"),
+    ("guard_umount", "sb_umount"),
+];
 
 /// Entries of `FILE_INODES` (files and directories named by file rules,
 /// over all live file policies).
@@ -107,7 +128,7 @@ pub const PIN_VERSION: u32 = 1;
 /// Every map the programs share, pinned by name so a restarted controller
 /// (or a new version with the same layout) keeps the rules, sessions,
 /// queued events and counters.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 13] = [
     maps::SESSIONS,
     maps::NET_RULES_V4,
     maps::NET_RULES_V6,
@@ -119,6 +140,8 @@ const PINNED_MAPS: [&str; 11] = [
     maps::EVENTS,
     maps::COUNTERS,
     maps::RULE_HITS,
+    maps::PROTECTED_SOCKETS,
+    maps::ENFORCER_FILES,
 ];
 
 /// Where the daemon pins what must outlive it, in the BPF filesystem:
@@ -237,6 +260,8 @@ pub struct Kernel {
     rules_v6: LpmTrie<MapData, V6Key, RuleList>,
     counters: PerCpuArray<MapData, u64>,
     rule_hits: PerCpuArray<MapData, u64>,
+    sockets: HashMap<MapData, InodeKey, u32>,
+    enforcer_files: HashMap<MapData, InodeKey, u32>,
     inodes: HashMap<MapData, InodeKey, InodeRule>,
     name_prefix: LpmTrie<MapData, NameKey, NameRule>,
     name_suffix: LpmTrie<MapData, NameKey, NameRule>,
@@ -324,6 +349,8 @@ impl Kernel {
             rules_v6: take_map(&mut ebpf, maps::NET_RULES_V6)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             rule_hits: take_map(&mut ebpf, maps::RULE_HITS)?,
+            sockets: take_map(&mut ebpf, maps::PROTECTED_SOCKETS)?,
+            enforcer_files: take_map(&mut ebpf, maps::ENFORCER_FILES)?,
             ebpf,
         })
     }
@@ -487,9 +514,9 @@ impl Kernel {
     }
 
     /// Remove what a previous controller left in the pinned maps and
-    /// nothing now uses: sessions not in `sessions`, network entries of
-    /// profile ids not in `profiles`, file entries of policies not in
-    /// `policies`. Returns how many entries went.
+    /// nothing now uses: sessions not in `sessions`, network and protected
+    /// socket entries of profile ids not in `profiles`, file entries of
+    /// policies not in `policies`. Returns how many entries went.
     pub fn retain(
         &mut self,
         sessions: &std::collections::HashSet<u64>,
@@ -535,6 +562,16 @@ impl Kernel {
             self.remove_inode(&key)?;
             removed += 1;
         }
+        let stale_sockets: Vec<InodeKey> = self
+            .sockets
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !profiles.contains(&k.policy))
+            .collect();
+        for key in stale_sockets {
+            self.set_protected_socket(key, None)?;
+            removed += 1;
+        }
         for trie in [&mut self.name_prefix, &mut self.name_suffix] {
             let stale: Vec<Key<NameKey>> = trie
                 .keys()
@@ -573,6 +610,55 @@ impl Kernel {
                     name: maps::RULE_HITS,
                     source,
                 })?;
+        }
+        Ok(())
+    }
+
+    /// Protect (or, with `None`, stop protecting) a Unix socket file for
+    /// the sessions of a profile; `key.policy` is the profile id.
+    pub fn set_protected_socket(&mut self, key: InodeKey, index: Option<u32>) -> Result<()> {
+        let result = match index {
+            Some(index) => self.sockets.insert(key, index, 0),
+            None => match self.sockets.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            },
+        };
+        result.map_err(|source| KernelError::MapUpdate {
+            name: maps::PROTECTED_SOCKETS,
+            source,
+        })
+    }
+
+    /// Replace the set of the enforcer's own files (device, inode) that no
+    /// session may change.
+    pub fn set_enforcer_files(&mut self, files: &[(u32, u64)]) -> Result<()> {
+        let error = |source| KernelError::MapUpdate {
+            name: maps::ENFORCER_FILES,
+            source,
+        };
+        let wanted: Vec<InodeKey> = files
+            .iter()
+            .map(|&(dev, ino)| InodeKey {
+                policy: 0,
+                dev,
+                ino,
+            })
+            .collect();
+        for key in &wanted {
+            self.enforcer_files.insert(key, 0, 0).map_err(error)?;
+        }
+        let stale: Vec<InodeKey> = self
+            .enforcer_files
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            match self.enforcer_files.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(error(e)),
+            }
         }
         Ok(())
     }
@@ -641,9 +727,9 @@ fn load_file_programs(ebpf: &mut Ebpf) -> std::result::Result<(), String> {
     let btf = Btf::from_sys_fs().map_err(|e| {
         format!("reading kernel BTF (/sys/kernel/btf/vmlinux) failed: {e}; the kernel needs CONFIG_DEBUG_INFO_BTF=y")
     })?;
-    for name in FILE_PROGRAMS {
+    for (name, hook) in LSM_PROGRAMS {
         lsm_program(ebpf, name)?
-            .load(name, &btf)
+            .load(hook, &btf)
             .map_err(|e| lsm_refused(name, "load", &error_chain(&e), active.as_deref()))?;
     }
     Ok(())
@@ -656,7 +742,7 @@ fn attach_file_programs(
     pin_dir: Option<&Path>,
 ) -> std::result::Result<Vec<FdLink>, String> {
     let mut links = Vec::new();
-    for name in FILE_PROGRAMS {
+    for (name, _) in LSM_PROGRAMS {
         let program = lsm_program(ebpf, name)?;
         let link = program
             .attach()
@@ -678,7 +764,7 @@ fn lsm_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> std::result::Result<&'a mu
 fn lsm_refused(name: &str, what: &str, error: &str, active: Option<&str>) -> String {
     format!(
         "the kernel refused to {what} the BPF LSM program `{name}` ({error}){}: file rules \
-         need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
+         and the session guards need a kernel with CONFIG_BPF_LSM=y booted with `bpf` in `lsm=`",
         match active {
             Some(list) => format!("; the LSM list is `{list}`"),
             None => String::new(),

@@ -144,6 +144,7 @@ impl PinArgs {
         persist::Persist {
             pin_root: self.pin_dir.clone(),
             state_file: socket.with_file_name("state.json"),
+            socket: socket.to_owned(),
         }
     }
 }
@@ -535,6 +536,8 @@ fn print_features(f: &features::Features) {
             .unwrap_or("unknown (securityfs not mounted)")
     );
     println!("file rules: {}", f.file_rules);
+    // The guards are BPF-LSM programs loaded with the file programs.
+    println!("session guards: {}", f.file_rules);
 }
 
 fn print_status(s: &Status) {

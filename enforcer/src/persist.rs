@@ -14,6 +14,8 @@ pub struct Persist {
     pub pin_root: PathBuf,
     /// The state file.
     pub state_file: PathBuf,
+    /// The daemon's control socket (sessions may never connect to it).
+    pub socket: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -237,7 +237,12 @@ fn audit_mode_allows_but_logs() {
 #[test]
 fn child_cgroups_of_the_session_stay_enforced() {
     let sb = Sandbox::new();
-    sb.profile("denylist", DENY_LIST);
+    // Creating and entering a child cgroup writes a cgroup file, which the
+    // `cgroup` guard refuses where BPF LSM runs: re-allow it here.
+    sb.profile(
+        "denylist",
+        &format!("{DENY_LIST}\n[guard]\nallow = [\"cgroup\"]\n"),
+    );
     assert_eq!(
         sb.probe("denylist", &[], "nested-tcp", "127.0.0.2:80"),
         "eperm"
@@ -261,18 +266,10 @@ fn processes_outside_the_session_are_unaffected() {
 }
 
 fn session_is_live() -> bool {
-    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+    let Some(mount) = integration_tests::cgroup2_mount() else {
         return false;
     };
-    let Some(mount) = mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        right
-            .starts_with("cgroup2 ")
-            .then(|| left.split_whitespace().nth(4).map(str::to_owned))?
-    }) else {
-        return false;
-    };
-    let root = std::path::Path::new(&mount).join("enforcer");
+    let root = mount.join("enforcer");
     std::fs::read_dir(root)
         .into_iter()
         .flatten()
@@ -531,7 +528,7 @@ fn daemon_serves_sessions_status_and_keeps_the_log() {
 }
 
 /// The six socket programs are attached; with BPF LSM, the three file
-/// programs too.
+/// programs and the fourteen guards too.
 fn assert_programs(status: &Value) {
     let programs: Vec<&str> = status["programs"]
         .as_array()
@@ -543,7 +540,25 @@ fn assert_programs(status: &Value) {
         "connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6",
     ];
     if status["features"]["file_rules"] == "enforced" {
-        expected.extend(["file_open", "inode_rename", "inode_link"]);
+        expected.extend([
+            "file_open",
+            "inode_rename",
+            "inode_link",
+            "guard_bpf",
+            "guard_ptrace",
+            "guard_signal",
+            "guard_clone",
+            "guard_socket_create",
+            "guard_unix_connect",
+            "guard_unix_send",
+            "guard_unlink",
+            "guard_rmdir",
+            "guard_create",
+            "guard_mkdir",
+            "guard_mknod",
+            "guard_symlink",
+            "guard_umount",
+        ]);
     }
     assert_eq!(programs, expected);
 }

@@ -174,12 +174,13 @@ fn test() -> Result<()> {
 }
 
 /// Integration test targets that also run inside the VM, in this order:
-/// those that need BPF-LSM, which the host kernel refuses, and those whose
+/// those that need BPF-LSM, which the host kernel refuses (file rules, the
+/// escape suite's guards), and those whose
 /// kernel side differs enough between 6.1 and 6.18 to check on both (DNS
 /// steering, pinned LSM links across restarts). The others (`dns_server`,
 /// `service`, and `dns_dnsmasq`, which needs Debian's dnsmasq) run on the
 /// host only.
-const VM_TEST_TARGETS: [&str; 5] = ["files", "egress", "dns", "reload", "persist"];
+const VM_TEST_TARGETS: [&str; 6] = ["files", "egress", "escape", "dns", "reload", "persist"];
 
 /// Default wall-clock limit for the whole VM run, in minutes: every test
 /// runs under TCG emulation, many times slower than the host.
@@ -555,7 +556,7 @@ mod tests {
         assert!(built.missing_targets(&["files", "egress"]).is_empty());
         assert_eq!(
             built.missing_targets(&VM_TEST_TARGETS),
-            ["dns", "reload", "persist"]
+            ["escape", "dns", "reload", "persist"]
         );
 
         let without_files: Vec<&str> = json.lines().filter(|l| !l.contains("files")).collect();

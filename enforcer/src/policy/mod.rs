@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod files;
+pub mod guard;
 pub mod profile;
 pub mod target;
 

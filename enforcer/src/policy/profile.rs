@@ -11,7 +11,11 @@ use std::{
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{files::FileTarget, target::Target};
+use super::{
+    files::FileTarget,
+    guard::{self, AllowEntry, Guards, SocketRule},
+    target::Target,
+};
 
 /// The built-in default profile, used when no rules directory exists and
 /// available as `default` unless a rules file defines that name.
@@ -77,6 +81,8 @@ pub struct Profile {
     pub default_origin: Origin,
     pub rules: Vec<NetRule>,
     pub file_rules: Vec<FileRule>,
+    /// `[guard]`: re-allowed guards and the local sockets refused.
+    pub guards: Guards,
 }
 
 /// A rule file problem, naming file, line and key.
@@ -128,6 +134,17 @@ struct ProfileFile {
     network: Option<Spanned<NetworkSection>>,
     #[serde(default)]
     files: Option<FilesSection>,
+    #[serde(default)]
+    guard: Option<GuardSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuardSection {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    sockets: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -305,6 +322,10 @@ impl Profile {
             ),
             None => Vec::new(),
         };
+        let guards = parsed
+            .guard
+            .map(|g| parse_guards(file, &lines, g, &mut errors))
+            .unwrap_or_default();
         if errors.is_empty() {
             Ok(Profile {
                 name,
@@ -313,6 +334,7 @@ impl Profile {
                 default_origin,
                 rules,
                 file_rules,
+                guards,
             })
         } else {
             Err(RuleErrors(errors))
@@ -332,6 +354,54 @@ impl Profile {
             _ => None,
         })
     }
+}
+
+/// The `[guard]` section, with each bad entry an error naming its line.
+fn parse_guards(
+    file: &str,
+    lines: &Lines,
+    section: GuardSection,
+    errors: &mut Vec<RuleError>,
+) -> Guards {
+    let mut guards = Guards::default();
+    let mut each = |list: Vec<Spanned<String>>,
+                    list_key: &str,
+                    parse: &dyn Fn(&str) -> Result<AllowEntry, String>,
+                    guards: &mut Guards| {
+        for (i, entry) in list.into_iter().enumerate() {
+            let origin = Origin {
+                file: file.to_owned(),
+                line: lines.of(&entry.span()),
+                key: format!("guard.{list_key}[{i}]"),
+            };
+            let text = entry.into_inner();
+            match parse(&text) {
+                Ok(AllowEntry::Guard(bit)) => guards.allowed |= bit,
+                Ok(AllowEntry::Socket(pattern)) => {
+                    let rule = SocketRule { pattern, origin };
+                    if list_key == "allow" {
+                        guards.allowed_sockets.push(rule);
+                    } else {
+                        guards.sockets.push(rule);
+                    }
+                }
+                Err(message) => errors.push(RuleError {
+                    file: origin.file,
+                    line: origin.line,
+                    key: origin.key,
+                    message,
+                }),
+            }
+        }
+    };
+    each(section.allow, "allow", &guard::parse_allow, &mut guards);
+    each(
+        section.sockets,
+        "sockets",
+        &|text| guard::parse_socket(text).map(AllowEntry::Socket),
+        &mut guards,
+    );
+    guards
 }
 
 fn validate_name(name: &str) -> Result<(), String> {
@@ -519,6 +589,29 @@ allow = ["api.anthropic.com:443"]
             .unwrap_err()
             .0;
         assert_eq!(errs[0].key, "processes");
+    }
+
+    #[test]
+    fn guard_section_re_allows_guards_and_names_bad_entries() {
+        let text = "name = \"x\"\n[guard]\nallow = [\"ptrace\", \"/run/user/*/bus\"]\nsockets = [\"/run/ci.sock\"]\n";
+        let p = Profile::parse("x.toml", text).unwrap();
+        assert_eq!(p.guards.allowed, enforcer_common::GUARD_PTRACE);
+        assert_eq!(p.guards.allowed_sockets[0].pattern, "/run/user/*/bus");
+        assert_eq!(p.guards.sockets[0].pattern, "/run/ci.sock");
+        assert_eq!(p.guards.sockets[0].origin.line, 4);
+
+        let text = "name = \"x\"\n[guard]\nallow = [\n  \"signal\",\n  \"pins\",\n]\nsockets = [\"ci.sock\"]\n";
+        let errs = Profile::parse("x.toml", text).unwrap_err().0;
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!((errs[0].line, errs[0].key.as_str()), (5, "guard.allow[1]"));
+        assert!(errs[0].message.contains("cannot be re-allowed"), "{errs:?}");
+        assert_eq!(
+            (errs[1].line, errs[1].key.as_str()),
+            (7, "guard.sockets[0]")
+        );
+        assert!(errs[1].message.contains("must be absolute"), "{errs:?}");
+        // A guard's name is no socket path.
+        assert!(Profile::parse("x.toml", "name = \"x\"\n[guard]\nsockets = [\"bpf\"]\n").is_err());
     }
 
     #[test]

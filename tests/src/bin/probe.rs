@@ -28,6 +28,27 @@
 //!   count-tcp ADDR:PORT COUNT      COUNT TCP connects: `ok=N eperm=M other=K`
 //!   loop-open PATH UNTIL           open PATH for reading again and again until UNTIL exists
 //!
+//! Usage: probe escape <how> [ARG]   one way around the enforcer; `ok`,
+//! `eperm` or `error <errno>` as above
+//!   bpf                   bpf(BPF_MAP_CREATE)
+//!   obj-get PATH          bpf(BPF_OBJ_GET) of a pin
+//!   kill PID              kill(PID, SIGTERM)
+//!   ptrace PID            ptrace(PTRACE_ATTACH) (detached again if it worked)
+//!   proc-mem PID          open /proc/PID/mem for reading
+//!   cgroup-move DIR       write our pid into DIR/cgroup.procs
+//!   clone-into DIR        clone3(CLONE_INTO_CGROUP) into the cgroup DIR
+//!   raw                   socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)
+//!   packet                socket(AF_PACKET, SOCK_RAW, 0)
+//!   netlink               socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE) (not an escape)
+//!   unix PATH             connect a Unix stream socket to PATH
+//!   unix-dgram PATH       send a datagram to the Unix socket PATH
+//!   open-write PATH       open PATH for writing (as `probe open-write`)
+//!   create PATH           create the file PATH
+//!   rename PATH           rename PATH to PATH.moved
+//!   unlink PATH           unlink PATH
+//!   rmdir PATH            remove the directory PATH
+//!   umount PATH           umount2(PATH, MNT_DETACH)
+//!
 //! Usage: probe <how> <path>
 //!   open           open for reading
 //!   open-write     open for writing
@@ -48,6 +69,11 @@ fn main() {
     let how = args.get(1).map_or("", String::as_str);
     if how == "id" {
         print_identity();
+        return;
+    }
+    if how == "escape" {
+        let what = args.get(2).map_or("", String::as_str);
+        report(escape(what, args.get(3).map_or("", String::as_str)));
         return;
     }
     if how == "steps" {
@@ -233,6 +259,150 @@ fn own_cgroup() -> io::Result<std::path::PathBuf> {
         })
         .ok_or_else(|| io::Error::other("no cgroup2 mount"))?;
     Ok(std::path::Path::new(&mount).join(relative.trim_start_matches('/')))
+}
+
+/// `-1` as an `io::Result`.
+fn check(result: i64) -> io::Result<i64> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn escape(how: &str, arg: &str) -> io::Result<()> {
+    let pid = || arg.parse::<libc::pid_t>().map_err(io::Error::other);
+    let c_arg = || std::ffi::CString::new(arg).map_err(io::Error::other);
+    let socket = |family, kind, proto| {
+        // SAFETY: plain syscall; the fd is owned right away.
+        let fd = check(i64::from(unsafe { libc::socket(family, kind, proto) }))?;
+        // SAFETY: a fresh descriptor nothing else owns.
+        drop(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) });
+        Ok(())
+    };
+    match how {
+        "bpf" => {
+            // union bpf_attr for BPF_MAP_CREATE: an array of one u32.
+            let mut attr = [0u32; 32];
+            attr[0] = 2; // BPF_MAP_TYPE_ARRAY
+            attr[1] = 4;
+            attr[2] = 4;
+            attr[3] = 1;
+            // SAFETY: attr is a zero-padded bpf_attr of the size passed.
+            let fd = check(unsafe {
+                libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), size_of_val(&attr))
+            })?;
+            // SAFETY: a fresh descriptor nothing else owns.
+            drop(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) });
+            Ok(())
+        }
+        "obj-get" => {
+            let path = c_arg()?;
+            let mut attr = [0u64; 16];
+            attr[0] = path.as_ptr() as u64;
+            // SAFETY: attr is a zero-padded bpf_attr with a valid path pointer.
+            let fd = check(unsafe {
+                libc::syscall(libc::SYS_bpf, 7, attr.as_ptr(), size_of_val(&attr))
+            })?;
+            // SAFETY: a fresh descriptor nothing else owns.
+            drop(unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).map_err(io::Error::other)?) });
+            Ok(())
+        }
+        // SAFETY: plain syscalls with integer arguments.
+        "kill" => check(i64::from(unsafe { libc::kill(pid()?, libc::SIGTERM) })).map(drop),
+        "ptrace" => {
+            let pid = pid()?;
+            // SAFETY: as above; null address and data are what ATTACH takes.
+            check(unsafe {
+                libc::ptrace(
+                    libc::PTRACE_ATTACH,
+                    pid,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                )
+            })?;
+            // SAFETY: as above.
+            unsafe {
+                libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
+                libc::ptrace(
+                    libc::PTRACE_DETACH,
+                    pid,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                );
+            }
+            Ok(())
+        }
+        "proc-mem" => std::fs::File::open(format!("/proc/{}/mem", pid()?)).map(drop),
+        "cgroup-move" => std::fs::write(format!("{arg}/cgroup.procs"), "0"),
+        "clone-into" => clone_into(arg),
+        "raw" => socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+        "packet" => socket(libc::AF_PACKET, libc::SOCK_RAW, 0),
+        "netlink" => socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE),
+        "unix" => std::os::unix::net::UnixStream::connect(arg).map(drop),
+        "unix-dgram" => std::os::unix::net::UnixDatagram::unbound()?
+            .send_to(b"probe", arg)
+            .map(drop),
+        "open-write" => open_file(how, arg),
+        "create" => std::fs::File::create_new(arg).map(drop),
+        "rename" => std::fs::rename(arg, format!("{arg}.moved")),
+        "unlink" => std::fs::remove_file(arg),
+        "rmdir" => std::fs::remove_dir(arg),
+        "umount" => {
+            let path = c_arg()?;
+            // SAFETY: valid C string.
+            check(i64::from(unsafe {
+                libc::umount2(path.as_ptr(), libc::MNT_DETACH)
+            }))
+            .map(drop)
+        }
+        other => Err(io::Error::other(format!("unknown escape `{other}`"))),
+    }
+}
+
+/// `clone3(CLONE_INTO_CGROUP)`: the child would start in `dir`'s cgroup.
+fn clone_into(dir: &str) -> io::Result<()> {
+    /// `struct clone_args` (linux/sched.h), up to `cgroup`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let cgroup = std::fs::File::open(dir)?;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: u64::try_from(libc::SIGCHLD).map_err(io::Error::other)?,
+        cgroup: u64::try_from(cgroup.as_raw_fd()).map_err(io::Error::other)?,
+        ..CloneArgs::default()
+    };
+    // SAFETY: `args` is a valid clone_args of the size passed; the child
+    // only calls _exit.
+    let pid =
+        check(unsafe { libc::syscall(libc::SYS_clone3, &raw const args, size_of::<CloneArgs>()) })?;
+    if pid == 0 {
+        // SAFETY: the child exits at once.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: reaping our own child.
+    unsafe {
+        libc::waitpid(
+            libc::pid_t::try_from(pid).unwrap_or(-1),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    Ok(())
 }
 
 fn nest() -> io::Result<()> {
