@@ -344,3 +344,14 @@ pub fn bpf_lsm() -> bool {
     }
     enforced
 }
+
+/// Where the cgroup2 hierarchy is mounted (from `/proc/self/mountinfo`).
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        right
+            .starts_with("cgroup2 ")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
