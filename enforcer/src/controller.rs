@@ -167,15 +167,15 @@ pub struct Controller {
 
 /// Where this controller's sessions live and what it pins: for a
 /// persisting controller that finds its predecessor's pins and state, the
-/// same instance cgroup (the programs' globals name it) and the next
-/// generation of links.
+/// same instance cgroup (the programs' globals name it, so the same build
+/// keeps the pinned LSM programs).
 fn place_instance(config: &Config, root: &Path) -> Result<(Option<Saved>, PathBuf, Option<Pins>)> {
     cgroup::create_dir(root)?;
     let saved = match &config.persist {
         Some(persist) => {
             kernel::ensure_bpffs()
                 .context("enforcement that outlives the daemon needs the BPF filesystem")?;
-            let pins = Pins::new(&persist.pin_root, 0);
+            let pins = Pins::new(&persist.pin_root);
             let saved = Saved::read(&persist.state_file)?;
             if pins.exist() && saved.is_none() {
                 bail!(
@@ -197,17 +197,14 @@ fn place_instance(config: &Config, root: &Path) -> Result<(Option<Saved>, PathBu
     );
     sweep_stale_instances(root, &instance_dir);
     cgroup::create_dir(&instance_dir)?;
-    let pins = config
-        .persist
-        .as_ref()
-        .map(|p| Pins::new(&p.pin_root, saved.as_ref().map_or(1, |s| s.generation + 1)));
+    let pins = config.persist.as_ref().map(|p| Pins::new(&p.pin_root));
     Ok((saved, instance_dir, pins))
 }
 
 /// Remove what a daemon that is gone left pinned: refused while its
 /// sessions still have processes unless `force`, which kills them.
 pub fn unload_orphaned(persist: &Persist, force: bool) -> Result<()> {
-    let pins = Pins::new(&persist.pin_root, 0);
+    let pins = Pins::new(&persist.pin_root);
     let saved = Saved::read(&persist.state_file)?.unwrap_or_default();
     let live: Vec<&SavedSession> = saved
         .sessions
@@ -371,9 +368,8 @@ impl Controller {
     fn go_live(&self) -> Result<()> {
         let mut state = self.state();
         state.kernel.attach()?;
-        if let Some(pins) = &state.pins {
-            pins.remove_old_links()
-                .context("detaching the previous controller's programs")?;
+        if state.kernel.lsm_links_kept() {
+            tracing::info!("kept the previous daemon's LSM programs (the same build, pinned)");
         }
         state.save();
         Ok(())
@@ -1133,12 +1129,11 @@ impl State {
     /// for an embedded controller). A failure is logged: enforcement goes
     /// on, but a restart would not adopt the newest sessions.
     fn save(&self) {
-        let (Some(file), Some(pins)) = (&self.saved_to, &self.pins) else {
+        let (Some(file), Some(_)) = (&self.saved_to, &self.pins) else {
             return;
         };
         let saved = Saved {
             instance_dir: self.instance_dir.clone(),
-            generation: pins.generation,
             next_profile_id: self.next_profile_id,
             next_file_policy: self.next_file_policy,
             next_session: self.next_session,

@@ -145,22 +145,27 @@ const PINNED_MAPS: [&str; 13] = [
 ];
 
 /// Where the daemon pins what must outlive it, in the BPF filesystem:
-/// `<root>/v<PIN_VERSION>/maps/<MAP>` and `.../links-<generation>/<program>`.
-/// Each controller start attaches a new generation of links before it
-/// removes the previous one, so the programs are never all detached.
+/// `<root>/v<PIN_VERSION>/maps/<MAP>`, `.../links/<program>` (cgroup
+/// programs) and `.../lsm-<fingerprint>/<program>` (LSM programs, named
+/// after what they were loaded from: `lsm_fingerprint`).
+///
+/// A controller that finds the LSM links of its own fingerprint keeps them:
+/// the programs in them are the ones it would load, on the same maps.
+/// Otherwise (an upgrade) it attaches its own before it removes the others,
+/// so the hooks are never left without a program. Keeping them matters:
+/// every attach and detach rewrites the hook's trampoline, and hooks such as
+/// `socket_create` and `file_open` are hot.
 #[derive(Clone, Debug)]
 pub struct Pins {
     root: PathBuf,
     pub dir: PathBuf,
-    pub generation: u64,
 }
 
 impl Pins {
-    pub fn new(root: &Path, generation: u64) -> Pins {
+    pub fn new(root: &Path) -> Pins {
         Pins {
             root: root.to_owned(),
             dir: root.join(format!("v{PIN_VERSION}")),
-            generation,
         }
     }
 
@@ -174,9 +179,9 @@ impl Pins {
         self.dir.join("links")
     }
 
-    /// Links of the LSM programs of this generation.
-    fn lsm_links(&self) -> PathBuf {
-        self.dir.join(format!("lsm-{}", self.generation))
+    /// Links of the LSM programs loaded from what `fingerprint` names.
+    fn lsm_links(&self, fingerprint: u64) -> PathBuf {
+        self.dir.join(format!("lsm-{fingerprint:016x}"))
     }
 
     /// Whether maps are pinned here (a previous controller's).
@@ -184,10 +189,9 @@ impl Pins {
         self.maps().join(maps::SESSIONS).exists()
     }
 
-    /// Remove the LSM links of every other generation: their programs
-    /// detach (this generation's stay attached).
-    pub fn remove_old_links(&self) -> std::io::Result<()> {
-        let current = self.lsm_links();
+    /// Remove every LSM link directory but `current`: their programs
+    /// detach.
+    fn remove_other_lsm_links(&self, current: &Path) -> std::io::Result<()> {
         for entry in std::fs::read_dir(&self.dir)? {
             let path = entry?.path();
             let is_links = path
@@ -251,6 +255,29 @@ pub fn ensure_bpffs() -> std::io::Result<()> {
     }
 }
 
+/// What the LSM programs are loaded from: the object and the globals set
+/// at load time. Equal fingerprints mean the same programs on the same maps.
+fn lsm_fingerprint(
+    object: &[u8],
+    instance_cgroup_id: u64,
+    level: i32,
+    offsets: &KernelOffsets,
+) -> u64 {
+    // FNV-1a: stable across builds and Rust versions, unlike `DefaultHasher`.
+    let globals = format!("{instance_cgroup_id}/{level}/{offsets:?}");
+    object
+        .iter()
+        .chain(globals.as_bytes())
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+/// Whether `dir` holds a link for every LSM program.
+fn all_lsm_links_pinned(dir: &Path) -> bool {
+    LSM_PROGRAMS.iter().all(|(name, _)| dir.join(name).exists())
+}
+
 /// The loaded and attached programs and handles to their maps. Dropping it
 /// detaches the programs.
 pub struct Kernel {
@@ -271,6 +298,10 @@ pub struct Kernel {
     /// them detaches the programs.
     links: Vec<FdLink>,
     pins: Option<Pins>,
+    /// Where the LSM links are pinned (with `pins`), and whether a previous
+    /// controller's links there are kept (nothing of ours to attach).
+    lsm_links: Option<PathBuf>,
+    lsm_links_kept: bool,
     attach_cgroup: PathBuf,
 }
 
@@ -288,13 +319,25 @@ where
 impl Kernel {
     pub fn load(scope: &Scope<'_>) -> Result<Kernel> {
         let offsets = scope.offsets.clone().unwrap_or_default();
-        let pin_paths: Vec<(&str, PathBuf)> = match scope.pins {
-            Some(pins) => {
-                // Links left by a start of this generation that failed
-                // half-way; the previous generation's stay until we are up.
-                let _ = std::fs::remove_dir_all(pins.lsm_links());
-                for dir in [pins.maps(), pins.cgroup_links(), pins.lsm_links()] {
-                    std::fs::create_dir_all(&dir).map_err(|source| KernelError::Pin {
+        let lsm_links = scope.pins.map(|pins| {
+            pins.lsm_links(lsm_fingerprint(
+                OBJECT,
+                scope.instance_cgroup_id,
+                scope.instance_cgroup_level,
+                &offsets,
+            ))
+        });
+        let lsm_links_kept =
+            scope.offsets.is_ok() && lsm_links.as_deref().is_some_and(all_lsm_links_pinned);
+        let pin_paths: Vec<(&str, PathBuf)> = match (scope.pins, &lsm_links) {
+            (Some(pins), Some(lsm_links)) => {
+                if !lsm_links_kept {
+                    // Links left by a start that failed half-way; those of
+                    // other fingerprints stay until we are up.
+                    let _ = std::fs::remove_dir_all(lsm_links);
+                }
+                for dir in [&pins.maps(), &pins.cgroup_links(), lsm_links] {
+                    std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin {
                         what: "a directory".into(),
                         path: dir.display().to_string(),
                         source,
@@ -305,7 +348,7 @@ impl Kernel {
                     .map(|name| (*name, pins.maps().join(name)))
                     .collect()
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
@@ -333,12 +376,15 @@ impl Kernel {
                 })?;
         }
         let file_enforcement = match &scope.offsets {
+            Ok(_) if lsm_links_kept => Ok(()),
             Ok(_) => load_file_programs(&mut ebpf),
             Err(why) => Err(why.clone()),
         };
         Ok(Kernel {
             links: Vec::new(),
             pins: scope.pins.cloned(),
+            lsm_links,
+            lsm_links_kept,
             attach_cgroup: scope.attach_cgroup.to_owned(),
             file_enforcement,
             inodes: take_map(&mut ebpf, maps::FILE_INODES)?,
@@ -358,9 +404,9 @@ impl Kernel {
     /// Attach the loaded programs. A cgroup program whose link a previous
     /// controller pinned takes that link over: the program inside it is
     /// swapped atomically (`BPF_LINK_UPDATE`), so no connect is judged by
-    /// neither program or by both. The file programs (LSM links cannot be
-    /// updated) get new links; the caller removes the previous generation's
-    /// right after (`Pins::remove_old_links`).
+    /// neither program or by both. The LSM programs (LSM links cannot be
+    /// updated) keep the links of the same programs or get new ones, and then
+    /// the links of any other programs go (see `Pins`).
     pub fn attach(&mut self) -> Result<()> {
         let cgroup = File::open(&self.attach_cgroup).map_err(|source| KernelError::Cgroup {
             path: self.attach_cgroup.display().to_string(),
@@ -402,19 +448,31 @@ impl Kernel {
             let pin_at = pins.as_ref().map(|p| p.cgroup_links().join(name));
             self.links.extend(hold_link(pin_at.as_deref(), name, link)?);
         }
-        if self.file_enforcement.is_ok() {
-            let pin_dir = self.pins.as_ref().map(Pins::lsm_links);
+        if self.file_enforcement.is_ok() && !self.lsm_links_kept {
             let links =
-                attach_file_programs(&mut self.ebpf, pin_dir.as_deref()).map_err(|why| {
+                attach_file_programs(&mut self.ebpf, self.lsm_links.as_deref()).map_err(|why| {
                     KernelError::Pin {
-                        what: "the file programs".into(),
+                        what: "the LSM programs".into(),
                         path: String::new(),
                         source: std::io::Error::other(why),
                     }
                 })?;
             self.links.extend(links);
         }
+        if let (Some(pins), Some(current)) = (&self.pins, &self.lsm_links) {
+            pins.remove_other_lsm_links(current)
+                .map_err(|source| KernelError::Pin {
+                    what: "the previous controller's LSM links (removing them)".into(),
+                    path: pins.dir.display().to_string(),
+                    source,
+                })?;
+        }
         Ok(())
+    }
+
+    /// Whether the LSM programs are a previous controller's, kept.
+    pub fn lsm_links_kept(&self) -> bool {
+        self.lsm_links_kept
     }
 
     /// The ring buffer of denial events; taken once by the event reader.
@@ -903,4 +961,28 @@ pub fn probe_file_enforcement() -> std::result::Result<(), String> {
         .map_err(|e| format!("loading the kernel object failed: {}", error_chain(&e)))?;
     load_file_programs(&mut ebpf)?;
     attach_file_programs(&mut ebpf, None).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lsm_fingerprint_names_the_object_and_every_global() {
+        let offsets = KernelOffsets::default();
+        let base = lsm_fingerprint(b"object", 7, 2, &offsets);
+        assert_eq!(base, lsm_fingerprint(b"object", 7, 2, &offsets));
+        let moved = KernelOffsets {
+            super_block_s_magic: offsets.super_block_s_magic + 8,
+            ..offsets
+        };
+        for other in [
+            lsm_fingerprint(b"objecT", 7, 2, &offsets),
+            lsm_fingerprint(b"object", 8, 2, &offsets),
+            lsm_fingerprint(b"object", 7, 3, &offsets),
+            lsm_fingerprint(b"object", 7, 2, &moved),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
 }

@@ -21,8 +21,6 @@ pub struct Persist {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Saved {
     pub instance_dir: PathBuf,
-    /// Generation of the pinned links (one per controller start).
-    pub generation: u64,
     pub next_profile_id: u32,
     pub next_file_policy: u32,
     pub next_session: u64,

@@ -3,15 +3,37 @@
 //! enforced with the rules it had; a restarted daemon adopts the sessions
 //! and the queued events; only `enforcer stop --unload` removes it.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use integration_tests::{Sandbox, Spawned, listen, path_str, wait_for};
+use integration_tests::{Sandbox, Spawned, bpf_lsm, listen, path_str, wait_for};
 
 const PROFILE: &str = "name = \"p\"\n[network]\ndeny = [\"127.0.0.2\"]\n";
 
 fn kill9(daemon: &mut Spawned) {
     daemon.0.kill().unwrap();
     daemon.0.wait().unwrap();
+}
+
+/// The pinned LSM link directories, with their inode numbers (a kept
+/// directory keeps its inode).
+fn lsm_link_dirs(sb: &Sandbox) -> Vec<(PathBuf, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(sb.pin_dir().join("v1")) else {
+        return Vec::new();
+    };
+    let mut dirs: Vec<(PathBuf, u64)> = entries
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("lsm-"))
+        .map(|p| {
+            let inode = std::fs::metadata(&p).unwrap().ino();
+            (p, inode)
+        })
+        .collect();
+    dirs.sort();
+    dirs
 }
 
 fn counts(line: &str) -> (u64, u64) {
@@ -39,8 +61,21 @@ fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
             .as_array()
             .is_some_and(|s| s.len() == 2)
     });
-    for _ in 0..5 {
+    let lsm = bpf_lsm();
+    let mut links_before = lsm_link_dirs(&sb);
+    assert_eq!(links_before.len(), usize::from(lsm), "{links_before:?}");
+    for cycle in 0..5 {
         kill9(&mut daemon);
+        // On odd cycles the LSM links look like another build's: the
+        // restarted daemon must attach its own and then remove those (an
+        // upgrade); on even cycles it keeps them (a restart).
+        let upgrade = lsm && cycle % 2 == 1;
+        if upgrade {
+            let [(dir, _)] = &lsm_link_dirs(&sb)[..] else {
+                panic!("one LSM link directory: {:?}", lsm_link_dirs(&sb));
+            };
+            std::fs::rename(dir, dir.with_file_name("lsm-0000000000000000")).unwrap();
+        }
         // No daemon at all now: the pinned programs still judge.
         std::thread::sleep(Duration::from_millis(300));
         daemon = sb.daemon(&[]);
@@ -50,6 +85,15 @@ fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
             Some(2),
             "the restarted daemon adopted both sessions: {status:#}"
         );
+        let links = lsm_link_dirs(&sb);
+        if upgrade {
+            assert_eq!(links.len(), 1, "only the new links stay: {links:?}");
+            assert_eq!(links[0].0, links_before[0].0, "{links:?}");
+            assert_ne!(links[0].1, links_before[0].1, "new links: {links:?}");
+        } else {
+            assert_eq!(links, links_before, "the same build keeps the LSM links");
+        }
+        links_before = links;
     }
     std::fs::write(&stop, b"").unwrap();
     let mut denied = 0;
