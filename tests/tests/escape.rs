@@ -78,7 +78,7 @@ fn refused_and_logged(sb: &Sandbox, how: &str, arg: &str, op: &str) -> Value {
 /// As `refused_and_logged`, where the kernel turns the guard's `EPERM`
 /// into the probe's `verdict`.
 fn refused_with_and_logged(sb: &Sandbox, how: &str, arg: &str, op: &str, verdict: &str) -> Value {
-    let before = records_of_now(sb, op);
+    let before = usize::try_from(sb.count_records(op)).expect("a count");
     assert_eq!(
         attempt(sb, As::Root, "agent", how, arg),
         verdict,
@@ -99,10 +99,6 @@ fn refused_with_and_logged(sb: &Sandbox, how: &str, arg: &str, op: &str, verdict
             .is_some_and(|s| s.starts_with("agent."))
     );
     record
-}
-
-fn records_of_now(sb: &Sandbox, op: &str) -> usize {
-    sb.records().iter().filter(|r| r["op"] == op).count()
 }
 
 /// As the user: refused, whatever the kernel.

@@ -116,7 +116,7 @@ fn sigkill_and_restart_cycles_never_let_a_denied_connect_through() {
     // daemon may still be draining the pinned ring buffer: wait for it
     // (under the VM's emulation that took over 500 ms).
     let lost = status["counters"]["events_lost"].as_u64().unwrap();
-    let logged_now = || sb.records().iter().filter(|r| r["op"] == "connect").count() as u64;
+    let logged_now = || sb.count_records("connect");
     wait_for("the queued denials in the log", || {
         logged_now() + lost >= denied
     });
@@ -254,7 +254,7 @@ fn a_full_ring_buffer_loses_nothing_uncounted() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let out = agent.lines();
     assert_eq!(counts(&out[1]), (0, attempts), "{out:?}");
-    let logged = || sb.records().iter().filter(|r| r["op"] == "connect").count() as u64;
+    let logged = || sb.count_records("connect");
     let status = sb.status();
     let lost = status["counters"]["events_lost"].as_u64().unwrap();
     assert_eq!(status["counters"]["denied"].as_u64(), Some(attempts));
