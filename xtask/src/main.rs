@@ -184,7 +184,7 @@ const VM_TEST_TARGETS: [&str; 6] = ["files", "egress", "escape", "dns", "reload"
 
 /// Default wall-clock limit for the whole VM run, in minutes: every test
 /// runs under TCG emulation, many times slower than the host.
-const VM_TIMEOUT_MINS: u64 = 45;
+const VM_TIMEOUT_MINS: u64 = 55;
 
 const VM_MEMORY_MB: u32 = 2048;
 
