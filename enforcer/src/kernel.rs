@@ -459,7 +459,12 @@ impl Kernel {
                 })?;
             self.links.extend(links);
         }
-        if let (Some(pins), Some(current)) = (&self.pins, &self.lsm_links) {
+        // Only once ours are in place: a daemon that cannot load the LSM
+        // programs leaves a predecessor's attached (they use the same pinned
+        // maps) rather than remove file enforcement it cannot replace.
+        if let (Some(pins), Some(current), Ok(())) =
+            (&self.pins, &self.lsm_links, &self.file_enforcement)
+        {
             pins.remove_other_lsm_links(current)
                 .map_err(|source| KernelError::Pin {
                     what: "the previous controller's LSM links (removing them)".into(),
