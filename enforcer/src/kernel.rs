@@ -336,8 +336,8 @@ impl Kernel {
                     // other fingerprints stay until we are up.
                     let _ = std::fs::remove_dir_all(lsm_links);
                 }
-                for dir in [&pins.maps(), &pins.cgroup_links(), lsm_links] {
-                    std::fs::create_dir_all(dir).map_err(|source| KernelError::Pin {
+                for dir in [pins.maps(), pins.cgroup_links()] {
+                    std::fs::create_dir_all(&dir).map_err(|source| KernelError::Pin {
                         what: "a directory".into(),
                         path: dir.display().to_string(),
                         source,
@@ -804,6 +804,10 @@ fn attach_file_programs(
     ebpf: &mut Ebpf,
     pin_dir: Option<&Path>,
 ) -> std::result::Result<Vec<FdLink>, String> {
+    if let Some(dir) = pin_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating the directory {}: {e}", dir.display()))?;
+    }
     let mut links = Vec::new();
     for (name, _) in LSM_PROGRAMS {
         let program = lsm_program(ebpf, name)?;
