@@ -240,7 +240,6 @@ impl Sandbox {
         )
     }
 
-    /// Every record in the denial log.
     /// How many denial records have `"op":"<op>"`, read line by line: a
     /// connect loop over minutes of daemon restarts logs millions, too many
     /// to hold parsed (the VM's test process ran out of memory).
@@ -257,6 +256,7 @@ impl Sandbox {
         count
     }
 
+    /// Every record in the denial log.
     pub fn records(&self) -> Vec<Value> {
         std::fs::read_to_string(self.log())
             .unwrap_or_default()
